@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import pytest
@@ -170,6 +171,25 @@ def test_set_epoch_changes_order_and_is_reproducible():
     sampler.set_epoch(0)
     assert epoch0 != epoch1
     assert run_epoch(sampler) == epoch0
+
+
+def test_shuffle_mixes_within_and_across_buckets():
+    keys = make_keys()
+    batches = run_epoch(BucketBatchSampler(keys, make_spec(), seed=13))
+    batch_keys = [batch[0][1] for batch in batches]
+    # Buckets are interleaved, not one after another.
+    num_runs = 1 + sum(a != b for a, b in itertools.pairwise(batch_keys))
+    assert num_runs > len(bucket_summary(keys))
+    # Without in-bucket shuffling every batch would be a run of neighbours in
+    # the bucket's index order; shuffled, most batches are not.
+    for key in bucket_summary(keys):
+        position = {i: p for p, i in enumerate(i for i, k in enumerate(keys) if k == key)}
+        spans = [
+            max(position[i] for i, _ in b) - min(position[i] for i, _ in b) + 1 - len(b)
+            for b in batches
+            if b[0][1] == key
+        ]
+        assert any(span > 0 for span in spans)
 
 
 def test_no_shuffle_is_sorted_and_in_index_order():

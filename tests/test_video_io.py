@@ -8,9 +8,9 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
-from conftest import decode_indices, index_frames
 from PIL import Image
 
+from conftest import decode_indices
 from moviegen.data.video_io import (
     VideoDecodeError,
     VideoTooShortError,
@@ -171,7 +171,7 @@ def test_write_rejects_bad_frames(tmp_path):
         write_video(tmp_path / "a.mp4", frames[:, :63], fps=8)
     with pytest.raises(ValueError, match="T, H, W, 3"):
         write_video(tmp_path / "a.mp4", frames[..., :2], fps=8)
-    with pytest.raises(ValueError, match="use .mp4"):
+    with pytest.raises(ValueError, match=r"use \.mp4"):
         write_video(tmp_path / "a.xyz", frames, fps=8)
     # Odd sizes are fine for lossless mkv and GIF.
     assert read_video(write_video(tmp_path / "odd.mkv", frames[:, :63, :95], fps=8)).shape == (

@@ -464,7 +464,7 @@ class BucketBatchSampler(Sampler[list[tuple[int, BucketKey]]]):
                 tail = np.concatenate([tail, np.resize(order, world - len(tail))])
             batches.append((key, np.array_split(tail, world)[rank]))
         if self.shuffle:
-            pass
+            batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
 
     def _epoch_plan(self, epoch: int) -> list[tuple[BucketKey, np.ndarray]]:

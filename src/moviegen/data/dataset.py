@@ -204,9 +204,7 @@ class VideoTextDataset(Dataset):
         except VideoDecodeError as error:
             return SkippedSample(index, str(record.path), error.reason, str(error))
 
-    def _load(
-        self, index: int, record: ClipRecord, num_frames: int, size: tuple[int, int]
-    ) -> dict:
+    def _load(self, index: int, record: ClipRecord, num_frames: int, size: tuple[int, int]) -> dict:
         info = self._info(record)
         caption = record.caption
         if not caption.strip():

@@ -10,6 +10,7 @@ reason. ``inspect_manifest`` summarises a manifest and lists unreadable files.
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -194,7 +195,7 @@ HISTOGRAM_BAR = 40
 
 
 def _duration_bin(seconds: float) -> str:
-    for low, high in zip(DURATION_BINS, DURATION_BINS[1:], strict=False):
+    for low, high in itertools.pairwise(DURATION_BINS):
         if seconds < high:
             return f"[{low:g}, {high:g})"
     return f">= {DURATION_BINS[-1]:g}"
@@ -231,7 +232,9 @@ def inspect_manifest(
             rates[f"{info.fps:.3g}"] += 1
         resolutions[f"{info.width}x{info.height}"] += 1
     order = {_duration_bin(edge): rank for rank, edge in enumerate(DURATION_BINS)}
-    report.duration_histogram = dict(sorted(durations.items(), key=lambda kv: order.get(kv[0], len(order))))
+    report.duration_histogram = dict(
+        sorted(durations.items(), key=lambda kv: order.get(kv[0], len(order)))
+    )
     report.resolutions = dict(resolutions.most_common())
     report.frame_rates = dict(rates.most_common())
     if words:

@@ -89,7 +89,10 @@ def run_demo(config: DemoConfig, log=print) -> dict[str, Path]:
         "preview gif": gif,
     }
     (config.out / "demo_config.json").write_text(
-        json.dumps({k: os.fspath(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}, indent=2)
+        json.dumps(
+            {k: os.fspath(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+            indent=2,
+        )
     )
     log("")
     log(f"{'stage':<20}{'seconds':>10}")
