@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from fractions import Fraction
+from functools import partial
 
 import av
 import numpy as np
@@ -192,7 +193,7 @@ def test_torch_uint8_frames_are_accepted(tmp_path):
 
 
 def _assert_decode_error(path, reason=None):
-    for read in (read_video, probe_video):
+    for read in (read_video, partial(probe_video, verify=True)):
         with pytest.raises(VideoDecodeError) as caught:
             read(path)
         assert str(path) in str(caught.value), "the error must name the file"

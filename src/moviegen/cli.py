@@ -24,7 +24,7 @@ INTERRUPTED = 130
 def _data_index(args: argparse.Namespace) -> int:
     from moviegen.data.index import index_folder
 
-    result = index_folder(args.folder, verify=args.verify, progress=not args.quiet)
+    result = index_folder(args.folder, verify=not args.no_verify, progress=not args.quiet)
     if not result.records:
         raise ValueError(f"no usable clips under {args.folder} (skipped {len(result.skipped)})")
     manifest = write_manifest(args.out, result.records)
@@ -92,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     index.add_argument("folder", type=Path)
     index.add_argument("--out", type=Path, required=True, help="manifest to write (.jsonl)")
-    index.add_argument("--verify", action="store_true", help="decode every frame of every file")
+    index.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="probe headers only (faster; truncated files with intact headers get through)",
+    )
     index.add_argument("--quiet", action="store_true", help="no progress bar")
     index.set_defaults(run=_data_index)
 

@@ -87,13 +87,14 @@ def _sidecar_caption(media: Path) -> str | None:
 
 
 def index_folder(
-    root: str | os.PathLike, *, verify: bool = False, progress: bool = True
+    root: str | os.PathLike, *, verify: bool = True, progress: bool = True
 ) -> IndexResult:
     """Manifest records for every video or image under ``root``.
 
     Args:
         root: folder to walk (recursively). Hidden files and folders are ignored.
-        verify: decode every frame to catch truncated or corrupt files.
+        verify: decode every frame to catch truncated or corrupt files whose
+            headers look fine (the default); ``False`` only reads headers.
         progress: show a progress bar.
 
     Skip reasons: ``no_caption``, ``empty_caption``, ``caption_encoding``, and

@@ -452,12 +452,9 @@ def generate_shapes_dataset(
         crf: H.264 constant rate factor (ignored when ``lossless``).
         progress: show a tqdm progress bar.
 
-    Determinism: the same arguments give byte-identical manifests and identical
-    rendered frames. H.264 files are byte-identical on machines with the same
-    CPU count (libx264 picks its thread count from the CPUs, and frame threading
-    changes the bitstream for frames above about 128 px); FFV1 ``.mkv`` pixels
-    are identical but the file bytes are not, because the Matroska muxer writes
-    a random segment UID unless the container is opened bitexact.
+    Determinism: the same arguments give byte-identical manifests and clip
+    files, on any machine: :func:`~moviegen.data.video_io.write_video` writes
+    containers bit-exactly and runs libx264 with a fixed thread count.
 
     Raises:
         ValueError: a bad count, fraction, size, seed or excluded caption.

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
@@ -46,6 +47,9 @@ VIDEO_EXTENSIONS = frozenset(
 IMAGE_FPS = 1.0
 # Default H.264 constant rate factor: visually lossless for our content sizes.
 DEFAULT_CRF = 18
+# libx264's output depends on its thread count, which by default follows the
+# machine's CPU count; a fixed count makes files identical on every machine.
+X264_THREADS = 4
 # Guard against floating point error when mapping output frames to source frames
 # (k * src_fps / dst_fps is often an integer that floats land just below).
 _INDEX_EPS = 1e-6
@@ -339,6 +343,12 @@ def _read_video_window(
 
         origin = stream.start_time or 0
         time_base = stream.time_base
+        # Float arithmetic per frame: Fraction maths costs more than decoding
+        # a small frame, and rounding to the nearest index absorbs float error.
+        ticks_to_index = float(time_base) * src_fps
+        # One scaler for the whole window: a frame's own to_ndarray() builds a
+        # new swscale context for every frame, which dominates small clips.
+        scaler = VideoReformatter()
         if first > 0:
             # Seek to the key frame at or before the window; decoding forward
             # from there is exact even for streams with B-frames.
@@ -352,13 +362,13 @@ def _read_video_window(
             if frame.pts is None:
                 index = last_index + 1
             else:
-                index = round((frame.pts - origin) * time_base * src_fps)
+                index = round((frame.pts - origin) * ticks_to_index)
             last_index = index
             if index < wanted[cursor]:
                 continue
-            array = frame.to_ndarray(
-                format="rgb24", width=scaled_w, height=scaled_h, interpolation="AREA"
-            )
+            array = scaler.reformat(
+                frame, width=scaled_w, height=scaled_h, format="rgb24", interpolation="AREA"
+            ).to_ndarray()
             # One decoded frame may serve several outputs (upsampled rates), and
             # a frame that a rounding gap skipped over is served by its successor.
             while cursor < len(wanted) and wanted[cursor] <= index:
@@ -461,7 +471,8 @@ def write_video(
                 f"H.264 yuv420p needs even height and width, got {height}x{width}; "
                 "write .mkv (lossless) or .gif, or crop/pad to even sizes"
             )
-        _write_with_pyav(path, frames, fps, "libx264", "yuv420p", {"crf": str(crf)})
+        options = {"crf": str(crf), "threads": str(X264_THREADS)}
+        _write_with_pyav(path, frames, fps, "libx264", "yuv420p", options)
     elif suffix == ".mkv":
         _write_with_pyav(path, frames, fps, "ffv1", "bgr0", {})
     elif suffix == ".gif":
@@ -483,7 +494,9 @@ def _write_with_pyav(
 ) -> None:
     rate = Fraction(fps).limit_denominator(1001)
     height, width = frames.shape[1:3]
-    with av.open(str(path), mode="w") as container:
+    # bitexact: no random container IDs or version strings, so equal frames give
+    # equal bytes (the shapes dataset promises byte-identical output per seed).
+    with av.open(str(path), mode="w", options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream(codec, rate=rate, options=options)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         stream.time_base = 1 / rate
