@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from moviegen import __version__
 from moviegen.data.manifest import ManifestError, write_manifest
 from moviegen.data.video_io import VideoDecodeError
@@ -70,6 +72,91 @@ def _data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tae_train(args: argparse.Namespace) -> int:
+    from moviegen.train.tae_trainer import TAETrainer, resolve_config
+
+    overrides = list(args.set)
+    if args.steps is not None:
+        overrides.append(f"steps={args.steps}")
+    if args.time_budget is not None:
+        overrides.append(f"time_budget_s={args.time_budget}")
+    config = resolve_config(args.recipe, overrides=overrides, train=str(args.data), val=args.val)
+    if args.fresh and args.out.exists():
+        import shutil
+
+        shutil.rmtree(args.out)
+    logs = TAETrainer(config, args.out, progress=not args.quiet).train()
+    if logs:
+        print(f"val PSNR {logs['val/psnr']:.2f} dB, SSIM {logs['val/ssim']:.4f}")
+    print(f"run: {args.out}")
+    return 0
+
+
+def _tae_stats(args: argparse.Namespace) -> int:
+    from moviegen.data.dataset import SkipCounter
+    from moviegen.eval.reconstruction import iter_clips, list_media
+    from moviegen.tae.checkpoint import LATENT_STATS_KEY, load_tae
+    from moviegen.tae.stats import measure_latent_stats
+    from moviegen.train.checkpoint import CheckpointManager
+
+    checkpoint = CheckpointManager.resolve(args.checkpoint)
+    tae = load_tae(checkpoint)
+    paths = list_media(args.data)[: args.max_clips]
+    skips = SkipCounter()
+    clips = (
+        video for _, video in iter_clips(paths, size=args.size, num_frames=args.frames, skips=skips)
+    )
+    mean, std, count = measure_latent_stats(tae, clips, progress=not args.quiet, total=len(paths))
+    stats = {"mean": mean.tolist(), "std": std.tolist(), "num_clips": count, "data": str(args.data)}
+    CheckpointManager.update_metadata(checkpoint, {LATENT_STATS_KEY: stats})
+    if skips.total:
+        print(skips.summary())
+    print(f"latent stats over {count} clips written to {checkpoint / 'metadata.json'}")
+    print("channel  " + " ".join(f"{index:>6d}" for index in range(len(stats["mean"]))))
+    print("mean     " + " ".join(f"{value:>6.2f}" for value in stats["mean"]))
+    print("std      " + " ".join(f"{value:>6.2f}" for value in stats["std"]))
+    return 0
+
+
+def _tae_reconstruct(args: argparse.Namespace) -> int:
+    from moviegen.data.transforms import frames_to_tensor, to_uint8_frames
+    from moviegen.data.video_io import probe_video, read_video, write_video
+    from moviegen.eval.metrics import psnr
+    from moviegen.tae.checkpoint import load_tae
+
+    tae = load_tae(args.checkpoint)
+    size = None if args.size is None else (args.size, args.size)
+    frames = read_video(args.input, num_frames=args.frames, size=size)
+    video = frames_to_tensor(frames)[None]
+    reconstruction = tae.reconstruct(video)
+    fps = probe_video(args.input).fps
+    output = to_uint8_frames(reconstruction[0])
+    if args.side_by_side:
+        output = np.concatenate([frames, output], axis=2)  # original | reconstruction
+    write_video(args.output, output, fps=fps)
+    print(f"PSNR {float(psnr(reconstruction, video)[0]):.2f} dB over {video.shape[2]} frames")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _tae_eval(args: argparse.Namespace) -> int:
+    from moviegen.eval.reconstruction import evaluate_tae
+    from moviegen.tae.checkpoint import load_tae
+
+    tae = load_tae(args.checkpoint)
+    report = evaluate_tae(
+        tae,
+        args.data,
+        size=args.size,
+        num_frames=args.frames,
+        max_clips=args.max_clips,
+        progress=not args.quiet,
+    )
+    print(report.format())
+    print(json.dumps(report.to_dict()))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from moviegen.pipeline.demo import DemoConfig, run_demo
 
@@ -126,6 +213,51 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--lossless", action="store_true", help="FFV1 .mkv instead of H.264 .mp4")
     shapes.add_argument("--quiet", action="store_true", help="no progress bar")
     shapes.set_defaults(run=_data_shapes)
+
+    tae = verbs.add_parser("tae", help="the temporal autoencoder: train, stats, reconstruct, eval")
+    tae_verbs = tae.add_subparsers(dest="tae_verb", required=True)
+    train = tae_verbs.add_parser("train", help="train (or resume) a TAE run")
+    train.add_argument("--recipe", default="cpu", help="debug | cpu | paper")
+    train.add_argument("--data", type=Path, required=True, help="training manifest")
+    train.add_argument("--val", type=str, default=None, help="validation manifest")
+    train.add_argument("--out", type=Path, required=True, help="run folder (resumed if it exists)")
+    train.add_argument("--steps", type=int, default=None)
+    train.add_argument("--time-budget", type=float, default=None, help="seconds of training")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
+    )
+    train.add_argument("--fresh", action="store_true", help="delete the run folder first")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(run=_tae_train)
+
+    stats = tae_verbs.add_parser("stats", help="measure latent mean/std into the checkpoint")
+    stats.add_argument("--checkpoint", type=Path, required=True, help="run folder or checkpoint")
+    stats.add_argument("--data", type=Path, required=True, help="manifest or folder of videos")
+    stats.add_argument("--size", type=int, default=None, help="centre-crop clips to SIZE x SIZE")
+    stats.add_argument("--frames", type=int, default=None, help="first N frames of each clip")
+    stats.add_argument("--max-clips", type=int, default=None)
+    stats.add_argument("--quiet", action="store_true")
+    stats.set_defaults(run=_tae_stats)
+
+    reconstruct = tae_verbs.add_parser("reconstruct", help="encode and decode one video")
+    reconstruct.add_argument("--checkpoint", type=Path, required=True)
+    reconstruct.add_argument("--input", type=Path, required=True)
+    reconstruct.add_argument("--output", type=Path, required=True, help=".mp4, .gif or .mkv")
+    reconstruct.add_argument("--size", type=int, default=None, help="centre-crop to SIZE x SIZE")
+    reconstruct.add_argument("--frames", type=int, default=None, help="first N frames")
+    reconstruct.add_argument(
+        "--side-by-side", action="store_true", help="original left, reconstruction right"
+    )
+    reconstruct.set_defaults(run=_tae_reconstruct)
+
+    evaluate = tae_verbs.add_parser("eval", help="PSNR / SSIM / latent outliers on clips")
+    evaluate.add_argument("--checkpoint", type=Path, required=True)
+    evaluate.add_argument("--data", type=Path, required=True, help="manifest or folder")
+    evaluate.add_argument("--size", type=int, default=None, help="centre-crop to SIZE x SIZE")
+    evaluate.add_argument("--frames", type=int, default=None, help="first N frames")
+    evaluate.add_argument("--max-clips", type=int, default=None)
+    evaluate.add_argument("--quiet", action="store_true")
+    evaluate.set_defaults(run=_tae_eval)
 
     demo = verbs.add_parser("demo", help="the built-in end-to-end demo on the shapes data")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))

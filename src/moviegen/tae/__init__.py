@@ -1,0 +1,1 @@
+"""Temporal autoencoder (TAE): model, losses and latent statistics."""

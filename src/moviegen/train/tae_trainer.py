@@ -1,0 +1,466 @@
+"""Training the TAE: `moviegen tae train`.
+
+One loop, any size: AdamW with warmup + cosine, gradient clipping and
+accumulation, EMA weights, video batches mixed with image batches (the paper's
+1 image batch per 3 video batches), the outlier penalty switched on after a
+configurable step, an optional discriminator, periodic validation (PSNR, SSIM,
+latent outlier statistics, a side-by-side video), CSV/TensorBoard scalars and a
+loss-curve PNG, and atomic checkpoints that resume exactly (model, EMA,
+optimizers, scheduler, data position, RNG states).
+
+Training clips are cut into random ``crop_frames x crop_size x crop_size``
+windows: the TAE is convolutional (and its encoder works on independent 32-frame
+chunks anyway), and small windows make many more steps fit into a CPU budget.
+Validation always runs on whole clips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from moviegen.config import config_to_dict, save_config
+from moviegen.data.buckets import BucketSpec
+from moviegen.data.dataset import SkipCounter, VideoTextDataset, build_loader
+from moviegen.data.transforms import to_uint8_frames
+from moviegen.data.video_io import write_video
+from moviegen.eval.metrics import latent_outlier_stats, psnr, ssim
+from moviegen.eval.visualize import clip_grid
+from moviegen.tae.checkpoint import TAE_KIND
+from moviegen.tae.losses import TAELoss, TAELossConfig
+from moviegen.tae.model import TAE, TAEConfig, tae_recipe
+from moviegen.train.checkpoint import CheckpointManager
+from moviegen.train.ema import EMA
+from moviegen.train.logging import ScalarLogger, plot_curves
+from moviegen.train.rng import capture_rng_state, restore_rng_state
+from moviegen.train.schedule import build_scheduler
+
+__all__ = ["TAEDataConfig", "TAETrainConfig", "TAETrainer", "tae_train_recipe"]
+
+# Clips shown side by side in validation videos.
+NUM_PREVIEW_CLIPS = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class TAEDataConfig:
+    """Where clips come from and how they are cut."""
+
+    train: str = ""  # training manifest (JSON Lines); required
+    val: str | None = None  # validation manifest; None: no validation
+    size: int = 64  # clips are resized (shorter side) and centre-cropped to size x size
+    num_frames: int = 16  # frames read per clip
+    fps: float | None = None  # sampling rate; None keeps each file's rate
+    crop_size: int | None = 32  # random spatial crop for training; None: whole frames
+    crop_frames: int | None = 8  # random temporal window for training; None: whole clips
+    batch_size: int = 8  # video clips per batch
+    image_batch_size: int = 32  # frames per image batch (images are cheap)
+    image_fraction: float = 0.25  # share of image batches: 1 per 3 video batches
+    num_workers: int = 0  # DataLoader workers (0 is fastest on 2 cores)
+    val_clips: int = 32  # validation clips (the first ones of the val manifest)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TAETrainConfig:
+    """Everything a TAE run needs; saved with every checkpoint."""
+
+    recipe: str = "cpu"  # the TAE recipe the model config came from
+    model: TAEConfig = field(default_factory=TAEConfig)
+    loss: TAELossConfig = field(default_factory=TAELossConfig)
+    data: TAEDataConfig = field(default_factory=TAEDataConfig)
+    steps: int = 2000  # optimizer steps
+    time_budget_s: float | None = None  # stop (and checkpoint) after this much training time
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    grad_accum: int = 1  # micro-batches per optimizer step
+    disc_lr: float = 1e-4
+    ema_decay: float = 0.999  # 0 disables EMA
+    sample_posterior: bool = True  # train on posterior samples (VAE) rather than means
+    log_every: int = 10
+    val_every: int = 250
+    checkpoint_every: int = 250
+    keep_last: int = 2
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", ...
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "grad_accum", "log_every", "val_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def tae_train_recipe(name: str) -> TAETrainConfig:
+    """Named training recipes: ``debug`` (tests), ``cpu`` (the demo), ``paper``."""
+    model = tae_recipe(name)
+    if name == "debug":
+        return TAETrainConfig(
+            recipe=name,
+            model=model,
+            steps=20,
+            warmup_steps=2,
+            val_every=10,
+            checkpoint_every=10,
+            log_every=5,
+            data=TAEDataConfig(size=32, num_frames=8, crop_size=16, crop_frames=8, batch_size=2),
+        )
+    if name == "paper":
+        return TAETrainConfig(
+            recipe=name,
+            model=model,
+            steps=60_000,
+            lr=1e-4,
+            warmup_steps=1000,
+            val_every=2000,
+            checkpoint_every=2000,
+            # 50K steps without OPL, then 10K with it (MOVIEGEN.md section 1).
+            loss=TAELossConfig(opl_start_step=50_000),
+            data=TAEDataConfig(
+                size=256, num_frames=32, crop_size=256, crop_frames=32, batch_size=1
+            ),
+        )
+    return TAETrainConfig(recipe=name, model=model)
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class TAETrainer:
+    """Builds everything from a config and runs (or resumes) training in ``run_dir``."""
+
+    def __init__(self, config: TAETrainConfig, run_dir: str | Path, *, progress: bool = True):
+        if not config.data.train:
+            raise ValueError("data.train (the training manifest) is required")
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.device = _pick_device(config.device)
+        # Zero-initialised layers make tiny (denormal) floats during training,
+        # and CPUs handle those up to 100x slower; flushing them to zero is harmless.
+        torch.set_flush_denormal(True)
+        torch.manual_seed(config.seed)
+        self.model = TAE(config.model).to(self.device)
+        self.loss = TAELoss(config.loss).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=config.lr,
+            betas=config.betas,
+            weight_decay=config.weight_decay,
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            config.schedule,
+            warmup_steps=config.warmup_steps,
+            total_steps=config.steps,
+            min_lr_ratio=config.min_lr_ratio,
+        )
+        self.disc_optimizer = None
+        if self.loss.discriminator is not None:
+            self.disc_optimizer = torch.optim.AdamW(
+                self.loss.discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.9)
+            )
+        self.ema = (
+            EMA(self.model, decay=config.ema_decay, warmup=True) if config.ema_decay else None
+        )
+        # One generator for crops and posterior noise, saved with checkpoints.
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+        data = config.data
+        self.dataset = VideoTextDataset(
+            data.train,
+            num_frames=data.num_frames,
+            size=(data.size, data.size),
+            fps=data.fps,
+            seed=config.seed,
+        )
+        spec = BucketSpec(
+            sizes=((data.size, data.size),),
+            frame_counts=(data.num_frames,),
+            default_batch_size=data.batch_size,
+            image_batch_size=data.image_batch_size,
+        )
+        self.loader, self.sampler = build_loader(
+            self.dataset,
+            spec,
+            seed=config.seed,
+            num_workers=data.num_workers,
+            image_fraction=data.image_fraction or None,
+            video_frames_as_images=bool(data.image_fraction),
+        )
+        self.val_videos = self._load_val_clips() if data.val else None
+        self.checkpoints = CheckpointManager(self.run_dir, keep_last=config.keep_last)
+        self.skips = SkipCounter()
+        self.step = 0
+        self.consumed = 0  # batches of the current epoch already used
+        self.train_seconds = 0.0
+
+    # ------------------------------------------------------------------ data
+
+    def _load_val_clips(self) -> torch.Tensor:
+        data = self.config.data
+        dataset = VideoTextDataset(
+            data.val,
+            num_frames=data.num_frames,
+            size=(data.size, data.size),
+            fps=data.fps,
+            random_start=False,
+        )
+        clips = []
+        for index in range(min(data.val_clips, len(dataset))):
+            sample = dataset[index]
+            if isinstance(sample, dict):
+                clips.append(sample["video"])
+            else:
+                self.skips.add(sample)
+        if not clips:
+            raise ValueError(f"no readable validation clips in {data.val}")
+        return torch.stack(clips)  # (N, 3, T, H, W)
+
+    def _batches(self):
+        """Endless batches; tracks the epoch position for exact resume."""
+        while True:
+            self.dataset.set_epoch(self.sampler.epoch)
+            for batch in self.loader:
+                self.consumed += 1
+                self.skips.update(batch["skipped"])
+                if batch["video"] is not None:
+                    yield batch["video"]
+            self.consumed = 0
+
+    def _random_crop(self, video: torch.Tensor) -> torch.Tensor:
+        """Per-sample random ``crop_frames x crop_size x crop_size`` windows."""
+        data = self.config.data
+        _, _, frames, height, width = video.shape
+        crop_t = min(data.crop_frames or frames, frames)
+        crop_h = min(data.crop_size or height, height)
+        crop_w = min(data.crop_size or width, width)
+        crops = []
+        for clip in video:
+            t0, y0, x0 = (
+                int(torch.randint(0, limit + 1, (1,), generator=self.generator))
+                for limit in (frames - crop_t, height - crop_h, width - crop_w)
+            )
+            crops.append(clip[:, t0 : t0 + crop_t, y0 : y0 + crop_h, x0 : x0 + crop_w])
+        return torch.stack(crops)
+
+    # ------------------------------------------------------------------ state
+
+    def _train_state(self) -> dict:
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": {**self.sampler.state_dict(), "offset": self.consumed},
+            "rng": capture_rng_state(),
+            "generator": self.generator.get_state(),
+            "train_seconds": self.train_seconds,
+        }
+        if self.ema is not None:
+            state["ema_num_updates"] = self.ema.num_updates
+        if self.disc_optimizer is not None:
+            state["discriminator"] = self.loss.discriminator.state_dict()
+            state["disc_optimizer"] = self.disc_optimizer.state_dict()
+        return state
+
+    def save(self) -> Path:
+        return self.checkpoints.save(
+            self.step,
+            model_state=self.model.state_dict(),
+            ema_state=self.ema.shadow_state_dict() if self.ema is not None else None,
+            train_state=self._train_state(),
+            metadata={"kind": TAE_KIND, "config": config_to_dict(self.config)},
+        )
+
+    def resume(self) -> bool:
+        """Load the latest complete checkpoint of ``run_dir`` if there is one."""
+        latest = self.checkpoints.latest()
+        if latest is None:
+            return False
+        checkpoint = CheckpointManager.load(latest, map_location=self.device)
+        saved = checkpoint.metadata.get("config", {})
+        if saved.get("model") != config_to_dict(self.config)["model"]:
+            raise ValueError(
+                f"{latest} was trained with another TAE architecture; "
+                "use a new --out folder or the same recipe"
+            )
+        state = checkpoint.train_state
+        self.model.load_state_dict(checkpoint.model_state)
+        if self.ema is not None and checkpoint.ema_state is not None:
+            self.ema.load_state_dict(
+                {"shadow": checkpoint.ema_state, "num_updates": state["ema_num_updates"]}
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.disc_optimizer is not None and "discriminator" in state:
+            self.loss.discriminator.load_state_dict(state["discriminator"])
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.consumed = state["sampler"]["offset"]
+        restore_rng_state(state["rng"])
+        self.generator.set_state(state["generator"])
+        self.step = checkpoint.step
+        self.train_seconds = state["train_seconds"]
+        return True
+
+    # ------------------------------------------------------------------ steps
+
+    def _train_step(self, batches) -> dict[str, float]:
+        config = self.config
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        logs: dict[str, float] = {}
+        last_layer = self.model.decoder.last_layer_weight
+        for _ in range(config.grad_accum):
+            video = self._random_crop(next(batches)).to(self.device)
+            reconstruction, mean, logvar = self.model(
+                video, sample=config.sample_posterior, generator=self.generator
+            )
+            loss, micro_logs = self.loss.generator_loss(
+                video,
+                reconstruction,
+                mean,
+                logvar,
+                mean,
+                step=self.step,
+                last_layer_weight=last_layer if self.loss.discriminator is not None else None,
+            )
+            (loss / config.grad_accum).backward()
+            for key, value in micro_logs.items():
+                logs[key] = logs.get(key, 0.0) + value / config.grad_accum
+            disc = self.loss.discriminator_loss(video, reconstruction, step=self.step)
+            if disc is not None:
+                disc_loss, disc_logs = disc
+                self.disc_optimizer.zero_grad(set_to_none=True)
+                disc_loss.backward()
+                self.disc_optimizer.step()
+                logs.update(disc_logs)
+        if config.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+            logs["train/grad_norm"] = float(norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        logs["train/lr"] = self.scheduler.get_last_lr()[0]
+        return logs
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """PSNR / SSIM / latent outliers on whole validation clips (EMA weights),
+        and a side-by-side video ``samples/step_XXXXXXXX.mp4``."""
+        if self.val_videos is None:
+            return {}
+        context = (
+            self.ema.swapped_into(self.model) if self.ema is not None else contextlib.nullcontext()
+        )
+        psnrs, ssims, means, previews = [], [], [], []
+        with context:
+            self.model.eval()
+            for chunk in self.val_videos.split(self.config.data.batch_size):
+                video = chunk.to(self.device)
+                reconstruction, mean, _ = self.model(video, sample=False)
+                reconstruction = reconstruction.clamp(-1, 1)
+                psnrs.append(psnr(reconstruction, video).cpu())
+                ssims.append(ssim(reconstruction, video).cpu())
+                means.append(mean.cpu())
+                if len(previews) < NUM_PREVIEW_CLIPS:
+                    previews.extend(zip(video.cpu(), reconstruction.cpu(), strict=True))
+        stats = latent_outlier_stats(torch.cat(means))
+        logs = {
+            "val/psnr": float(torch.cat(psnrs).mean()),
+            "val/ssim": float(torch.cat(ssims).mean()),
+            "val/max_zscore": stats["max_zscore"],
+            "val/frac_above_3": stats["frac_above_3"],
+        }
+        pairs = []
+        for original, reconstruction in previews[:NUM_PREVIEW_CLIPS]:
+            pairs += [to_uint8_frames(original), to_uint8_frames(reconstruction)]
+        grid = clip_grid(pairs, columns=2, scale=max(1, 128 // self.config.data.size))
+        write_video(self.run_dir / "samples" / f"step_{self.step:08d}.mp4", grid, fps=8)
+        return logs
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self) -> dict[str, float]:
+        """Run until ``steps`` (or the time budget); returns the last validation logs."""
+        config = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self.resume()
+        save_config(config, self.run_dir / "config.json")
+        if self.loss.perceptual is None:
+            tqdm.write("perceptual loss: off (no perceptual_vgg_path given)")
+        batches = self._batches()
+        logger = ScalarLogger(self.run_dir)
+        bar = tqdm(
+            total=config.steps,
+            initial=self.step,
+            desc="tae",
+            unit="step",
+            disable=not self.progress,
+        )
+        if resumed:
+            tqdm.write(f"resumed from step {self.step} in {self.run_dir}")
+        val_logs: dict[str, float] = {}
+        start_seconds = self.train_seconds
+        started = time.perf_counter()
+        try:
+            while self.step < config.steps:
+                logs = self._train_step(batches)
+                self.step += 1
+                self.train_seconds = start_seconds + time.perf_counter() - started
+                bar.update(1)
+                if self.step % config.log_every == 0:
+                    logger.log(self.step, {**logs, "train/seconds": self.train_seconds})
+                    bar.set_postfix(loss=f"{logs['loss/total']:.4f}")
+                out_of_time = (
+                    config.time_budget_s is not None and self.train_seconds >= config.time_budget_s
+                )
+                finished = self.step == config.steps or out_of_time
+                if self.step % config.val_every == 0 or finished:
+                    val_logs = self.validate()
+                    if val_logs:
+                        logger.log(self.step, val_logs)
+                        bar.set_postfix(
+                            loss=f"{logs['loss/total']:.4f}", psnr=f"{val_logs['val/psnr']:.2f}"
+                        )
+                    plot_curves(logger.csv_path, self.run_dir / "loss_curves.png")
+                if self.step % config.checkpoint_every == 0 or finished:
+                    self.save()
+                if out_of_time:
+                    tqdm.write(
+                        f"time budget of {config.time_budget_s:.0f} s reached at step {self.step}"
+                    )
+                    break
+        finally:
+            bar.close()
+            logger.close()
+        if self.skips.total:
+            tqdm.write(self.skips.summary())
+        return val_logs
+
+
+def resolve_config(
+    recipe: str, *, overrides: list[str] | None = None, **data_fields
+) -> TAETrainConfig:
+    """A recipe with data fields filled in and ``--set key=value`` overrides applied."""
+    from moviegen.config import apply_overrides
+
+    config = tae_train_recipe(recipe)
+    fields = {key: value for key, value in data_fields.items() if value is not None}
+    if fields:
+        config = replace(config, data=replace(config.data, **fields))
+    return apply_overrides(config, overrides or [])

@@ -1,0 +1,160 @@
+"""TAE model: shapes for any length and size, tiling parity, stats, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moviegen.tae.model import TAE, TAEConfig, level_frame_counts, tae_recipe
+from moviegen.tae.tiling import blend_weights, decode_tiled, tile_starts
+
+
+@pytest.fixture(scope="module")
+def tae() -> TAE:
+    torch.manual_seed(0)
+    return TAE(tae_recipe("debug")).eval()
+
+
+def random_video(batch: int, frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, frames, height, width, generator=generator) * 2 - 1
+
+
+@pytest.mark.parametrize("frames", [1, 7, 8, 9, 16, 33, 64])
+def test_any_length_gives_ceil_t_over_8_latent_frames(tae, frames):
+    video = random_video(2, frames, 16, 24)
+    with torch.no_grad():
+        reconstruction, mean, logvar = tae(video)
+    assert mean.shape == logvar.shape == (2, 16, math.ceil(frames / 8), 2, 3)
+    assert reconstruction.shape == video.shape
+
+
+@pytest.mark.parametrize(("height", "width"), [(32, 32), (24, 40), (40, 16), (30, 20), (17, 9)])
+def test_spatial_sizes_pad_to_multiples_of_8(tae, height, width):
+    video = random_video(1, 9, height, width)
+    with torch.no_grad():
+        reconstruction, mean, _ = tae(video, sample=False)
+    assert mean.shape[-2:] == (math.ceil(height / 8), math.ceil(width / 8))
+    assert reconstruction.shape == video.shape, "the training pass crops back to the input"
+    decoded = tae.decode_latents(mean, num_frames=9)
+    assert decoded.shape[-2:] == (8 * math.ceil(height / 8), 8 * math.ceil(width / 8))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_batch_elements_are_independent(tae, batch):
+    video = random_video(batch, 8, 16, 16)
+    with torch.no_grad():
+        together, _, _ = tae(video, sample=False)
+        alone = torch.cat([tae(clip[None], sample=False)[0] for clip in video])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_level_frame_counts():
+    assert level_frame_counts(33, 4) == [33, 17, 9, 5]
+    assert level_frame_counts(1, 4) == [1, 1, 1, 1]
+    assert level_frame_counts(64, 4) == [64, 32, 16, 8]
+
+
+def test_frames_do_not_leak_across_encoder_chunks(tae):
+    """The encoder's 32-frame chunks are independent: changing frames 32+ leaves
+    the latents of the first chunk untouched."""
+    video = random_video(1, 64, 16, 16)
+    changed = video.clone()
+    changed[:, :, 32:] = random_video(1, 32, 16, 16, seed=5)
+    with torch.no_grad():
+        first = tae.encode_moments(video)
+        second = tae.encode_moments(changed)
+    torch.testing.assert_close(first[:, :, :4], second[:, :, :4], atol=0, rtol=0)
+    assert not torch.allclose(first[:, :, 4:], second[:, :, 4:])
+
+
+def test_tiled_encoding_equals_whole_clip_encoding(tae):
+    video = random_video(1, 96, 32, 32)
+    with torch.no_grad():
+        whole = tae.encode_moments(video)
+        tiled = tae.encode_moments(video, chunks_at_once=1)
+    assert whole.shape == (1, 32, 12, 4, 4)
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_tile_starts_and_blend_weights():
+    assert tile_starts(12, 4, 2) == [0, 2, 4, 6, 8]
+    assert tile_starts(11, 4, 2) == [0, 2, 4, 6, 7]
+    assert tile_starts(3, 4, 2) == [0]
+    spans = [(0, 32), (16, 48), (32, 64)]
+    weights = blend_weights(spans)
+    total = torch.zeros(64, dtype=torch.float64)
+    for (begin, end), weight in zip(spans, weights, strict=True):
+        total[begin:end] += weight
+    torch.testing.assert_close(total, torch.ones(64, dtype=torch.float64))
+    assert weights[0][:16].eq(1).all() and weights[0][16:].diff().lt(0).all()
+    with pytest.raises(ValueError):
+        tile_starts(10, 4, 4)
+
+
+def test_tiled_decoding_of_a_local_decoder_is_exact():
+    """With an exactly local decode function, tiling and blending change nothing."""
+    latents = torch.randn(1, 16, 12, 2, 3)
+
+    def decode(piece: torch.Tensor, num_frames: int) -> torch.Tensor:
+        # Each latent frame becomes 8 frames of its first 3 channels, upsampled 8x.
+        video = piece[:, :3].repeat_interleave(8, 2).repeat_interleave(8, 3)
+        return video.repeat_interleave(8, 4)[:, :, :num_frames]
+
+    whole = decode(latents, 91)
+    tiled = decode_tiled(decode, latents, num_frames=91)
+    torch.testing.assert_close(tiled, whole)
+    spatial = decode_tiled(
+        decode, latents, num_frames=91, spatial_tile_latents=2, spatial_overlap_latents=1
+    )
+    torch.testing.assert_close(spatial, whole)
+
+
+def test_normalised_encode_decode_round_trip_shapes(tae):
+    model = TAE(tae_recipe("debug")).eval()
+    video = random_video(1, 40, 16, 24)
+    with pytest.raises(ValueError, match="latent statistics"):
+        model.encode(video)
+    model.set_latent_stats(torch.linspace(-1, 1, 16), torch.linspace(0.5, 2, 16))
+    latents = model.encode(video)
+    assert latents.shape == (1, 16, 5, 2, 3)
+    raw, _ = model.split_moments(model.encode_moments(video))
+    torch.testing.assert_close(latents * model.latent_std.view(1, -1, 1, 1, 1) + model.latent_mean.view(1, -1, 1, 1, 1), raw, atol=1e-5, rtol=1e-5)
+    decoded = model.decode(latents, num_frames=40, frame_size=(16, 24))
+    assert decoded.shape == video.shape
+    assert decoded.abs().max() <= 1
+    with pytest.raises(ValueError, match="positive"):
+        model.set_latent_stats(torch.zeros(16), torch.zeros(16))
+
+
+@pytest.mark.parametrize(
+    ("video", "error", "match"),
+    [
+        (torch.zeros(3, 8, 16, 16), ValueError, r"\(B, C, T, H, W\)"),
+        (torch.zeros(1, 4, 8, 16, 16), ValueError, "channels"),
+        (torch.zeros(1, 3, 0, 16, 16), ValueError, "empty"),
+        (torch.full((1, 3, 8, 16, 16), float("nan")), ValueError, "NaN"),
+        (torch.zeros(1, 3, 8, 16, 16, dtype=torch.int64), TypeError, "float"),
+    ],
+)
+def test_bad_input_gives_clear_errors(tae, video, error, match):
+    with pytest.raises(error, match=match):
+        tae(video)
+
+
+def test_bad_latents_and_frame_counts(tae):
+    with pytest.raises(ValueError, match="latents must be"):
+        tae.decode_latents(torch.zeros(1, 8, 2, 2, 2))
+    with pytest.raises(ValueError, match="need 2 latent frames"):
+        tae.decode_latents(torch.zeros(1, 16, 3, 2, 2), num_frames=16)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="4 levels"):
+        TAEConfig(widths=(8, 8, 8))
+    with pytest.raises(ValueError, match="norm_groups"):
+        TAEConfig(widths=(8, 8, 12, 12), norm_groups=8)
+    with pytest.raises(ValueError, match="unknown TAE recipe"):
+        tae_recipe("huge")
