@@ -317,6 +317,15 @@ def _tae_batch(seed: int = 0):
     return video, reconstruction, mean, logvar, decoder
 
 
+def test_l2_term_is_weighted_mean_squared_error():
+    video, reconstruction, mean, logvar, _ = _tae_batch()
+    loss = TAELoss(TAELossConfig(l1_weight=0.0, l2_weight=3.0, kl_weight=0.0, opl_weight=0.0))
+    total, logs = loss.generator_loss(video, reconstruction, mean, logvar, mean, step=0)
+    expected = (reconstruction - video).square().mean()
+    assert logs["loss/l2"] == pytest.approx(expected.item())
+    assert total.item() == pytest.approx(3.0 * expected.item(), rel=1e-6)
+
+
 def test_tae_loss_opl_counts_only_after_start_step():
     loss = TAELoss(TAELossConfig(opl_weight=2.0, opl_start_step=100))
     video, reconstruction, mean, logvar, _ = _tae_batch()
@@ -332,6 +341,7 @@ def test_tae_loss_opl_counts_only_after_start_step():
     assert set(logs_after) == {
         "loss/total",
         "loss/l1",
+        "loss/l2",
         "loss/kl",
         "loss/opl",
         "loss/perceptual",

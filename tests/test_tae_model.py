@@ -121,7 +121,12 @@ def test_normalised_encode_decode_round_trip_shapes(tae):
     latents = model.encode(video)
     assert latents.shape == (1, 16, 5, 2, 3)
     raw, _ = model.split_moments(model.encode_moments(video))
-    torch.testing.assert_close(latents * model.latent_std.view(1, -1, 1, 1, 1) + model.latent_mean.view(1, -1, 1, 1, 1), raw, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        latents * model.latent_std.view(1, -1, 1, 1, 1) + model.latent_mean.view(1, -1, 1, 1, 1),
+        raw,
+        atol=1e-5,
+        rtol=1e-5,
+    )
     decoded = model.decode(latents, num_frames=40, frame_size=(16, 24))
     assert decoded.shape == video.shape
     assert decoded.abs().max() <= 1

@@ -93,25 +93,19 @@ def _tae_train(args: argparse.Namespace) -> int:
 
 
 def _tae_stats(args: argparse.Namespace) -> int:
-    from moviegen.data.dataset import SkipCounter
-    from moviegen.eval.reconstruction import iter_clips, list_media
-    from moviegen.tae.checkpoint import LATENT_STATS_KEY, load_tae
-    from moviegen.tae.stats import measure_latent_stats
-    from moviegen.train.checkpoint import CheckpointManager
+    from moviegen.tae.stats import store_latent_stats
 
-    checkpoint = CheckpointManager.resolve(args.checkpoint)
-    tae = load_tae(checkpoint)
-    paths = list_media(args.data)[: args.max_clips]
-    skips = SkipCounter()
-    clips = (
-        video for _, video in iter_clips(paths, size=args.size, num_frames=args.frames, skips=skips)
+    folder, stats, skips = store_latent_stats(
+        args.checkpoint,
+        args.data,
+        size=args.size,
+        num_frames=args.frames,
+        max_clips=args.max_clips,
+        progress=not args.quiet,
     )
-    mean, std, count = measure_latent_stats(tae, clips, progress=not args.quiet, total=len(paths))
-    stats = {"mean": mean.tolist(), "std": std.tolist(), "num_clips": count, "data": str(args.data)}
-    CheckpointManager.update_metadata(checkpoint, {LATENT_STATS_KEY: stats})
     if skips.total:
         print(skips.summary())
-    print(f"latent stats over {count} clips written to {checkpoint / 'metadata.json'}")
+    print(f"latent stats over {stats['num_clips']} clips written to {folder / 'metadata.json'}")
     print("channel  " + " ".join(f"{index:>6d}" for index in range(len(stats["mean"]))))
     print("mean     " + " ".join(f"{value:>6.2f}" for value in stats["mean"]))
     print("std      " + " ".join(f"{value:>6.2f}" for value in stats["std"]))

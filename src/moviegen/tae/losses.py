@@ -587,6 +587,12 @@ class TAELossConfig:
 
     # Mean absolute error between reconstruction and input video.
     l1_weight: float = 1.0
+    # Mean squared error. The paper uses L1 alone; on sparse content (a small
+    # object on black, as in the shapes data) L1's constant-size gradients from
+    # the nearly right background drown the object's, and training stalls at
+    # an all-black output, while MSE's vanish as the background fits (measured:
+    # 15.4 dB with L1 vs 26.4 dB with MSE after 200 steps on 4 shapes clips).
+    l2_weight: float = 0.0
     # Per-element mean KL (see kl_divergence); small, as in image VAEs. 1e-6 on a
     # mean is ~100x stronger, relative to L1, than LDM's 1e-6 on sums (our TAE has
     # 96 pixel elements per latent element), which keeps the latent scale bounded
@@ -629,6 +635,7 @@ class TAELossConfig:
     def __post_init__(self) -> None:
         weights = {
             "l1_weight": self.l1_weight,
+            "l2_weight": self.l2_weight,
             "kl_weight": self.kl_weight,
             "opl_weight": self.opl_weight,
             "perceptual_weight": self.perceptual_weight,
@@ -728,8 +735,9 @@ class TAELoss(nn.Module):
         """
         config = self.config
         l1 = l1_reconstruction(reconstruction, video)
+        l2 = (reconstruction - video).square().mean()
         kl = kl_divergence(mean, logvar)
-        reconstruction_term = config.l1_weight * l1
+        reconstruction_term = config.l1_weight * l1 + config.l2_weight * l2
         perceptual = l1.new_zeros(())
         if self.perceptual is not None:
             perceptual = self.perceptual(
@@ -767,6 +775,7 @@ class TAELoss(nn.Module):
         logs = {
             "loss/total": total,
             "loss/l1": l1,
+            "loss/l2": l2,
             "loss/kl": kl,
             "loss/opl": opl,
             "loss/perceptual": perceptual,

@@ -9,7 +9,8 @@ and back (MOVIEGEN.md section 1):
   begins as a per-frame image autoencoder;
 - every spatial attention is followed by a temporal attention;
 - three stride-2 temporal convolutions downsample time by 8; the decoder
-  upsamples time by nearest-neighbour repetition followed by a convolution;
+  upsamples time by nearest-neighbour repetition followed by a convolution,
+  with separate weights for the two copies of a frame (see TemporalUpsample);
 - normalisation is per frame (GroupNorm over ``(C, H, W)`` of one frame), so no
   statistic mixes frames;
 - the encoder sees the video in independent temporal chunks of
@@ -43,6 +44,8 @@ COMPRESSION = 8
 # Bounds on the posterior log-variance, for numerical safety of exp().
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 GROUPNORM_EPS = 1e-6
+# Initial posterior log-variance (std exp(-4) ~ 0.02), see Encoder.
+INITIAL_LOGVAR = -8.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,7 +82,7 @@ TAE_RECIPES: dict[str, TAEConfig] = {
     # Unit tests: a few thousand parameters.
     "debug": TAEConfig(widths=(8, 8, 16, 16), num_res_blocks=1, norm_groups=4),
     # The CPU demo: trains on the shapes data in minutes on 2 cores.
-    "cpu": TAEConfig(widths=(32, 64, 96, 96), num_res_blocks=1, norm_groups=8),
+    "cpu": TAEConfig(widths=(16, 32, 64, 64), num_res_blocks=1, norm_groups=8),
     # Paper-like (an SD-style image VAE inflated to 2.5D).
     "paper": TAEConfig(widths=(128, 256, 512, 512), num_res_blocks=2, norm_groups=32),
 }
@@ -123,6 +126,34 @@ class TemporalConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W)
         x = F.pad(x, (0, 0, 0, 0, 1, 1), mode="replicate")
         return self.conv(x)
+
+
+class TemporalUpsample(nn.Module):
+    """Double the frame count: nearest-neighbour copies followed by a temporal
+    convolution, with separate weights for the two copies of each frame.
+
+    A shared convolution after plain repetition sees identical neighbourhoods
+    for most copies and cannot tell them apart: one latent frame would decode to
+    eight identical frames. Giving each output phase its own weights (a
+    "sub-pixel" convolution in time) lets copies differ; both start as the
+    identity, i.e. as exact nearest-neighbour upsampling.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv3d(channels, 2 * channels, (3, 1, 1))
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.bias.zero_()
+            identity = torch.eye(channels)
+            self.conv.weight[:channels, :, 1, 0, 0] = identity
+            self.conv.weight[channels:, :, 1, 0, 0] = identity
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """``(B, C, T, H, W)`` -> ``(B, C, num_frames, H, W)`` with ``num_frames <= 2T``."""
+        x = self.conv(F.pad(x, (0, 0, 0, 0, 1, 1), mode="replicate"))  # (B, 2C, T, H, W)
+        x = rearrange(x, "b (two c) t h w -> b c (t two) h w", two=2)
+        return x[:, :, :num_frames].contiguous(memory_format=torch.channels_last_3d)
 
 
 class Conv25d(nn.Module):
@@ -237,6 +268,11 @@ class Encoder(nn.Module):
         self.mid = MidBlock(channels, config)
         self.norm_out = FrameGroupNorm(config.norm_groups, channels, eps=GROUPNORM_EPS)
         self.conv_out = Conv25d(channels, 2 * config.latent_channels)
+        with torch.no_grad():
+            # Start with a narrow posterior: with log-variance 0, sampling adds
+            # noise of std 1 that drowns the untrained encoder's small means,
+            # and the decoder learns to ignore the latents for hundreds of steps.
+            self.conv_out.temporal.conv.bias[config.latent_channels :] = INITIAL_LOGVAR
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -268,7 +304,7 @@ class Decoder(nn.Module):
             stage.blocks = blocks
             if level > 0:
                 stage.spatial_up = nn.Conv3d(channels, channels, (1, 3, 3), padding=(0, 1, 1))
-                stage.temporal_up = TemporalConv(channels, channels)
+                stage.temporal_up = TemporalUpsample(channels)
             self.levels.append(stage)
         self.norm_out = FrameGroupNorm(config.norm_groups, channels, eps=GROUPNORM_EPS)
         self.conv_out = Conv25d(channels, config.in_channels)
@@ -284,8 +320,7 @@ class Decoder(nn.Module):
                 target = frame_counts[len(self.levels) - 2 - index]
                 h = F.interpolate(h, scale_factor=(1, 2, 2), mode="nearest")
                 h = stage.spatial_up(h)
-                h = h.repeat_interleave(2, dim=2)[:, :, :target]  # nearest in time, trimmed
-                h = stage.temporal_up(h.contiguous(memory_format=torch.channels_last_3d))
+                h = stage.temporal_up(h, target)
         return self.conv_out(F.silu(self.norm_out(h)))
 
     @property

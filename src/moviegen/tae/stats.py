@@ -10,14 +10,20 @@ into the model, whose ``encode``/``decode`` then normalise and de-normalise.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from moviegen.data.clips import iter_clips, list_media
+from moviegen.data.dataset import SkipCounter
+from moviegen.tae.checkpoint import LATENT_STATS_KEY, load_tae
 from moviegen.tae.model import TAE
+from moviegen.train.checkpoint import CheckpointManager
 
-__all__ = ["LatentStatsAccumulator", "measure_latent_stats"]
+__all__ = ["LatentStatsAccumulator", "measure_latent_stats", "store_latent_stats"]
 
 
 class LatentStatsAccumulator:
@@ -77,3 +83,28 @@ def measure_latent_stats(
     if not (latent_std > 0).all():
         raise ValueError("a latent channel is constant over the data (std 0)")
     return latent_mean, latent_std, num_clips
+
+
+def store_latent_stats(
+    checkpoint: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    size: int | None = None,
+    num_frames: int | None = None,
+    max_clips: int | None = None,
+    progress: bool = True,
+) -> tuple[Path, dict, SkipCounter]:
+    """Measure latent statistics of a TAE checkpoint on ``data`` (manifest or
+    folder) and write them into the checkpoint's metadata.
+
+    Returns the checkpoint folder, the stored statistics and the skipped files.
+    """
+    folder = CheckpointManager.resolve(checkpoint)
+    tae = load_tae(folder)
+    paths = list_media(data)[:max_clips]
+    skips = SkipCounter()
+    clips = (video for _, video in iter_clips(paths, size=size, num_frames=num_frames, skips=skips))
+    mean, std, count = measure_latent_stats(tae, clips, progress=progress, total=len(paths))
+    stats = {"mean": mean.tolist(), "std": std.tolist(), "num_clips": count, "data": str(data)}
+    CheckpointManager.update_metadata(folder, {LATENT_STATS_KEY: stats})
+    return folder, stats, skips

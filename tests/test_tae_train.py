@@ -1,0 +1,193 @@
+"""TAE training: learning, checkpoints, exact resume, stats and the CLI verbs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from moviegen.cli import USAGE_ERROR, main
+from moviegen.data.shapes import generate_shapes_dataset, render_dataset_clip
+from moviegen.tae.checkpoint import load_tae
+from moviegen.tae.model import TAE, TAEConfig, tae_recipe
+from moviegen.train.checkpoint import CheckpointManager
+from moviegen.train.logging import read_scalars
+from moviegen.train.tae_trainer import TAETrainer, resolve_config
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    generate_shapes_dataset(
+        out, num_clips=12, size=32, num_frames=8, val_fraction=0.25, seed=1, progress=False
+    )
+    return out
+
+
+def debug_config(shapes_data, **changes):
+    config = resolve_config(
+        "debug", train=str(shapes_data / "train.jsonl"), val=str(shapes_data / "val.jsonl")
+    )
+    return replace(config, **changes)
+
+
+def test_overfits_one_short_clip():
+    """Loss falls at least 10x when fitting a single clip."""
+    torch.manual_seed(0)
+    torch.set_flush_denormal(True)
+    _, frames, _ = render_dataset_clip(3, seed=0, size=32, num_frames=8)
+    video = torch.from_numpy(frames).permute(3, 0, 1, 2).float()[None] / 127.5 - 1
+    model = TAE(TAEConfig(widths=(16, 16, 32, 32), num_res_blocks=1, norm_groups=8))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(300):
+        reconstruction, _, _ = model(video, sample=False)
+        loss = (reconstruction - video).abs().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert min(losses[-10:]) < losses[0] / 10, f"{losses[0]:.4f} -> {min(losses[-10:]):.4f}"
+
+
+def test_training_writes_a_complete_run(shapes_data, tmp_path):
+    run = tmp_path / "run"
+    logs = TAETrainer(debug_config(shapes_data), run, progress=False).train()
+    assert {"val/psnr", "val/ssim", "val/max_zscore"} <= set(logs)
+    assert (run / "config.json").is_file()
+    assert (run / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(path.name for path in (run / "samples").iterdir()) == [
+        "step_00000010.mp4",
+        "step_00000020.mp4",
+    ]
+    scalars = read_scalars(run / "scalars.csv")
+    assert [step for step, _ in scalars["loss/total"]] == [5, 10, 15, 20]
+    assert "loss/opl" in scalars and "val/psnr" in scalars
+    checkpoint = CheckpointManager.load(run)
+    assert checkpoint.step == 20
+    assert checkpoint.metadata["config"]["model"]["widths"] == [8, 8, 16, 16]
+    tae = load_tae(run)
+    assert isinstance(tae, TAE) and not tae.training
+
+
+def test_resume_is_exact(shapes_data, tmp_path):
+    straight = tmp_path / "straight"
+    TAETrainer(debug_config(shapes_data), straight, progress=False).train()
+    split = tmp_path / "split"
+    TAETrainer(debug_config(shapes_data), split, progress=False).train(stop_at=10)
+    # A new trainer (as after a crash) picks up the checkpoint at step 10.
+    TAETrainer(debug_config(shapes_data), split, progress=False).train()
+    first = read_scalars(straight / "scalars.csv")["loss/total"]
+    second = read_scalars(split / "scalars.csv")["loss/total"]
+    assert first == second
+    a, b = CheckpointManager.load(straight), CheckpointManager.load(split)
+    for key, tensor in a.model_state.items():
+        torch.testing.assert_close(b.model_state[key], tensor, atol=0, rtol=0)
+
+
+def test_a_run_of_another_architecture_is_refused(shapes_data, tmp_path):
+    run = tmp_path / "run"
+    TAETrainer(debug_config(shapes_data, steps=10), run, progress=False).train()
+    other = replace(debug_config(shapes_data), model=TAEConfig(widths=(8, 8, 8, 8), norm_groups=4))
+    with pytest.raises(ValueError, match="another TAE architecture"):
+        TAETrainer(other, run, progress=False).train()
+    with pytest.raises(ValueError, match="was expected"):
+        load_tae(run, expected_config=tae_recipe("cpu"))
+
+
+def test_cli_train_stats_reconstruct_eval(shapes_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    train = str(shapes_data / "train.jsonl")
+    val = str(shapes_data / "val.jsonl")
+    assert (
+        main(
+            [
+                "tae",
+                "train",
+                "--recipe",
+                "debug",
+                "--data",
+                train,
+                "--val",
+                val,
+                "--out",
+                str(run),
+                "--steps",
+                "10",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert "val PSNR" in capsys.readouterr().out
+
+    assert main(["tae", "stats", "--checkpoint", str(run), "--data", train, "--quiet"]) == 0
+    metadata = json.loads((CheckpointManager.resolve(run) / "metadata.json").read_text())
+    stats = metadata["latent_stats"]
+    assert len(stats["mean"]) == len(stats["std"]) == 16 and stats["num_clips"] == 9
+    tae = load_tae(run)
+    assert bool(tae.has_latent_stats)
+    torch.testing.assert_close(tae.latent_std, torch.tensor(stats["std"]))
+
+    clip = sorted((shapes_data / "clips").iterdir())[0]
+    output = tmp_path / "recon.mp4"
+    assert (
+        main(
+            [
+                "tae",
+                "reconstruct",
+                "--checkpoint",
+                str(run),
+                "--input",
+                str(clip),
+                "--output",
+                str(output),
+                "--side-by-side",
+            ]
+        )
+        == 0
+    )
+    assert output.stat().st_size > 0 and "PSNR" in capsys.readouterr().out
+
+    assert main(["tae", "eval", "--checkpoint", str(run), "--data", val, "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(report["clips"]) == 3
+    assert report["psnr"] > 0 and 0 < report["ssim"] <= 1
+    assert "max_zscore" in report["latent"]
+
+
+def test_cli_errors_are_clear(shapes_data, tmp_path, capsys):
+    assert (
+        main(
+            [
+                "tae",
+                "eval",
+                "--checkpoint",
+                str(tmp_path / "none"),
+                "--data",
+                str(shapes_data / "val.jsonl"),
+            ]
+        )
+        == USAGE_ERROR
+    )
+    assert "moviegen: error:" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "tae",
+                "train",
+                "--recipe",
+                "debug",
+                "--data",
+                str(shapes_data / "train.jsonl"),
+                "--out",
+                str(tmp_path / "r"),
+                "--set",
+                "lr=fast",
+            ]
+        )
+        == USAGE_ERROR
+    )
+    assert "lr" in capsys.readouterr().err
