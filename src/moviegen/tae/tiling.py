@@ -137,4 +137,5 @@ def decode_tiled(
         region = (slice(*t_pix), slice(*h_pix), slice(*w_pix))
         output[(slice(None), slice(None), *region)] += video * weight
         total_weight[region] += weight
-    return output / total_weight
+    # In place: a second full-length video here would be the largest allocation.
+    return output.div_(total_weight)
