@@ -163,24 +163,3 @@ def test_config_validation():
         TAEConfig(widths=(8, 8, 12, 12), norm_groups=8)
     with pytest.raises(ValueError, match="unknown TAE recipe"):
         tae_recipe("huge")
-
-
-def test_stack_same_shape_batches_without_mixing_shapes():
-    from moviegen.tae.stats import stack_same_shape
-
-    clips = [torch.zeros(1, 3, 8, 16, 16)] * 5 + [torch.zeros(1, 3, 4, 16, 16)] * 2
-    shapes = [tuple(batch.shape) for batch in stack_same_shape(clips, 2)]
-    assert shapes == [(2, 3, 8, 16, 16)] * 2 + [(1, 3, 8, 16, 16), (2, 3, 4, 16, 16)]
-
-
-def test_latent_stats_accumulator_matches_torch():
-    from moviegen.tae.stats import LatentStatsAccumulator
-
-    latents = torch.randn(3, 16, 2, 4, 4) * torch.linspace(0.5, 3, 16).view(1, -1, 1, 1, 1) + 2
-    accumulator = LatentStatsAccumulator(16)
-    accumulator.update(latents[:1])
-    accumulator.update(latents[1:])
-    mean, std = accumulator.result()
-    flat = latents.transpose(0, 1).flatten(1)
-    torch.testing.assert_close(mean, flat.mean(1), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(std, flat.std(1, correction=0), atol=1e-5, rtol=1e-5)

@@ -11,7 +11,7 @@ into the model, whose ``encode``/``decode`` then normalise and de-normalise.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -23,15 +23,7 @@ from moviegen.tae.checkpoint import LATENT_STATS_KEY, load_tae
 from moviegen.tae.model import TAE
 from moviegen.train.checkpoint import CheckpointManager
 
-__all__ = [
-    "LatentStatsAccumulator",
-    "measure_latent_stats",
-    "stack_same_shape",
-    "store_latent_stats",
-]
-
-# Clips encoded together when measuring statistics (one at a time is slow).
-STATS_BATCH_SIZE = 16
+__all__ = ["LatentStatsAccumulator", "measure_latent_stats", "store_latent_stats"]
 
 
 class LatentStatsAccumulator:
@@ -91,19 +83,6 @@ def measure_latent_stats(
     if not (latent_std > 0).all():
         raise ValueError("a latent channel is constant over the data (std 0)")
     return latent_mean, latent_std, num_clips
-
-
-def stack_same_shape(videos: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
-    """Concatenate consecutive ``(1, C, T, H, W)`` clips of one shape into
-    batches of up to ``batch_size`` (a shape change closes the batch)."""
-    pending: list[torch.Tensor] = []
-    for video in videos:
-        if pending and (video.shape != pending[0].shape or len(pending) == batch_size):
-            yield torch.cat(pending)
-            pending = []
-        pending.append(video)
-    if pending:
-        yield torch.cat(pending)
 
 
 def store_latent_stats(
