@@ -163,3 +163,16 @@ def test_config_validation():
         TAEConfig(widths=(8, 8, 12, 12), norm_groups=8)
     with pytest.raises(ValueError, match="unknown TAE recipe"):
         tae_recipe("huge")
+
+
+def test_latent_stats_accumulator_matches_torch():
+    from moviegen.tae.stats import LatentStatsAccumulator
+
+    latents = torch.randn(3, 16, 2, 4, 4) * torch.linspace(0.5, 3, 16).view(1, -1, 1, 1, 1) + 2
+    accumulator = LatentStatsAccumulator(16)
+    accumulator.update(latents[:1])
+    accumulator.update(latents[1:])
+    mean, std = accumulator.result()
+    flat = latents.transpose(0, 1).flatten(1)
+    torch.testing.assert_close(mean, flat.mean(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(std, flat.std(1, correction=0), atol=1e-5, rtol=1e-5)

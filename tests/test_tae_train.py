@@ -97,33 +97,19 @@ def test_a_run_of_another_architecture_is_refused(shapes_data, tmp_path):
         load_tae(run, expected_config=tae_recipe("cpu"))
 
 
+def cli(*words) -> int:
+    """Run ``moviegen`` with the given words (paths are turned into strings)."""
+    return main([str(word) for word in words])
+
+
 def test_cli_train_stats_reconstruct_eval(shapes_data, tmp_path, capsys):
     run = tmp_path / "run"
-    train = str(shapes_data / "train.jsonl")
-    val = str(shapes_data / "val.jsonl")
-    assert (
-        main(
-            [
-                "tae",
-                "train",
-                "--recipe",
-                "debug",
-                "--data",
-                train,
-                "--val",
-                val,
-                "--out",
-                str(run),
-                "--steps",
-                "10",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    train, val = shapes_data / "train.jsonl", shapes_data / "val.jsonl"
+    assert cli("tae", "train", "--recipe", "debug", "--data", train, "--val", val,
+               "--out", run, "--steps", 10, "--quiet") == 0  # fmt: skip
     assert "val PSNR" in capsys.readouterr().out
 
-    assert main(["tae", "stats", "--checkpoint", str(run), "--data", train, "--quiet"]) == 0
+    assert cli("tae", "stats", "--checkpoint", run, "--data", train, "--quiet") == 0
     metadata = json.loads((CheckpointManager.resolve(run) / "metadata.json").read_text())
     stats = metadata["latent_stats"]
     assert len(stats["mean"]) == len(stats["std"]) == 16 and stats["num_clips"] == 9
@@ -133,25 +119,11 @@ def test_cli_train_stats_reconstruct_eval(shapes_data, tmp_path, capsys):
 
     clip = sorted((shapes_data / "clips").iterdir())[0]
     output = tmp_path / "recon.mp4"
-    assert (
-        main(
-            [
-                "tae",
-                "reconstruct",
-                "--checkpoint",
-                str(run),
-                "--input",
-                str(clip),
-                "--output",
-                str(output),
-                "--side-by-side",
-            ]
-        )
-        == 0
-    )
+    assert cli("tae", "reconstruct", "--checkpoint", run, "--input", clip,
+               "--output", output, "--side-by-side") == 0  # fmt: skip
     assert output.stat().st_size > 0 and "PSNR" in capsys.readouterr().out
 
-    assert main(["tae", "eval", "--checkpoint", str(run), "--data", val, "--quiet"]) == 0
+    assert cli("tae", "eval", "--checkpoint", run, "--data", val, "--quiet") == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(report["clips"]) == 3
     assert report["psnr"] > 0 and 0 < report["ssim"] <= 1
@@ -159,35 +131,11 @@ def test_cli_train_stats_reconstruct_eval(shapes_data, tmp_path, capsys):
 
 
 def test_cli_errors_are_clear(shapes_data, tmp_path, capsys):
-    assert (
-        main(
-            [
-                "tae",
-                "eval",
-                "--checkpoint",
-                str(tmp_path / "none"),
-                "--data",
-                str(shapes_data / "val.jsonl"),
-            ]
-        )
-        == USAGE_ERROR
+    missing = tmp_path / "none"
+    assert cli("tae", "eval", "--checkpoint", missing, "--data", shapes_data / "val.jsonl") == (
+        USAGE_ERROR
     )
     assert "moviegen: error:" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "tae",
-                "train",
-                "--recipe",
-                "debug",
-                "--data",
-                str(shapes_data / "train.jsonl"),
-                "--out",
-                str(tmp_path / "r"),
-                "--set",
-                "lr=fast",
-            ]
-        )
-        == USAGE_ERROR
-    )
+    assert cli("tae", "train", "--recipe", "debug", "--data", shapes_data / "train.jsonl",
+               "--out", tmp_path / "r", "--set", "lr=fast") == USAGE_ERROR  # fmt: skip
     assert "lr" in capsys.readouterr().err

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from moviegen.config import config_to_dict, save_config
+from moviegen.config import apply_overrides, config_to_dict, save_config
 from moviegen.data.buckets import BucketSpec
 from moviegen.data.dataset import SkipCounter, VideoTextDataset, build_loader
 from moviegen.data.transforms import to_uint8_frames
@@ -43,8 +43,10 @@ from moviegen.train.schedule import build_scheduler
 
 __all__ = ["TAEDataConfig", "TAETrainConfig", "TAETrainer", "tae_train_recipe"]
 
-# Clips shown side by side in validation videos.
+# Clips shown side by side in validation videos, and their playback rate when
+# the data config keeps each file's own rate.
 NUM_PREVIEW_CLIPS = 4
+PREVIEW_FPS = 8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -412,7 +414,11 @@ class TAETrainer:
         for original, reconstruction in previews[:NUM_PREVIEW_CLIPS]:
             pairs += [to_uint8_frames(original), to_uint8_frames(reconstruction)]
         grid = clip_grid(pairs, columns=2, scale=max(1, 128 // self.config.data.size))
-        write_video(self.run_dir / "samples" / f"step_{self.step:08d}.mp4", grid, fps=8)
+        write_video(
+            self.run_dir / "samples" / f"step_{self.step:08d}.mp4",
+            grid,
+            fps=self.config.data.fps or PREVIEW_FPS,
+        )
         return logs
 
     # ------------------------------------------------------------------ loop
@@ -484,8 +490,6 @@ def resolve_config(
     recipe: str, *, overrides: list[str] | None = None, **data_fields
 ) -> TAETrainConfig:
     """A recipe with data fields filled in and ``--set key=value`` overrides applied."""
-    from moviegen.config import apply_overrides
-
     config = tae_train_recipe(recipe)
     fields = {key: value for key, value in data_fields.items() if value is not None}
     if fields:
