@@ -151,6 +151,127 @@ def _tae_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _text_encoders(args: argparse.Namespace) -> list:
+    """The CPU default (MiniLM) or the paper's three encoders from local folders."""
+    from moviegen.text import default_text_encoders, paper_text_encoders
+
+    paths = (args.ul2, args.byt5, args.metaclip)
+    if not any(paths):
+        return default_text_encoders()
+    if not all(paths):
+        raise ValueError("give all three of --ul2, --byt5 and --metaclip (or none: MiniLM)")
+    return paper_text_encoders(*(str(path) for path in paths))
+
+
+def _precompute(args: argparse.Namespace) -> int:
+    from moviegen.data.precompute import PrecomputeConfig, precompute
+
+    config = PrecomputeConfig(
+        tae=str(args.tae),
+        data=str(args.data),
+        size=args.size,
+        num_frames=args.frames,
+        fps=args.fps,
+        shard_size=args.shard_size,
+    )
+    out, skips = precompute(
+        config, args.out, text_encoders=_text_encoders(args), progress=not args.quiet
+    )
+    if skips.total:
+        print(skips.summary())
+    print(f"latents and text features: {out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from moviegen.train.t2v_trainer import T2VTrainer, resolve_t2v_config
+
+    overrides = list(args.set)
+    if args.steps is not None:
+        overrides.append(f"steps={args.steps}")
+    if args.time_budget is not None:
+        overrides.append(f"time_budget_s={args.time_budget}")
+    config = resolve_t2v_config(args.recipe, latents=str(args.latents), overrides=overrides)
+    if args.fresh and args.out.exists():
+        import shutil
+
+        shutil.rmtree(args.out)
+    logs = T2VTrainer(config, args.out, progress=not args.quiet).train()
+    if logs:
+        print(f"flow loss {logs['loss/flow']:.4f}")
+    print(f"run: {args.out}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from moviegen.data.video_io import write_video
+    from moviegen.pipeline.sample import (
+        SamplingOptions,
+        TextToVideoPipeline,
+        read_prompts_file,
+        sample_to_folder,
+    )
+
+    height, width = _parse_size(args.size)
+    options = SamplingOptions(
+        num_frames=args.num_frames,
+        height=height,
+        width=width,
+        fps=args.fps,
+        steps=args.steps,
+        cfg_scale=args.cfg,
+        negative_prompt=args.negative_prompt,
+        solver=args.solver,
+    )
+    pipeline = TextToVideoPipeline.from_checkpoint(args.checkpoint, tae=args.tae)
+    if args.prompts_file is not None:
+        prompts = read_prompts_file(args.prompts_file)
+        sample_to_folder(
+            pipeline,
+            prompts,
+            args.output,
+            seed=args.seed,
+            options=options,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+        )
+        print(f"{len(prompts)} videos and prompts.jsonl in {args.output}")
+        return 0
+    [frames] = pipeline([args.prompt], seeds=[args.seed], options=options, progress=not args.quiet)
+    write_video(args.output, frames, fps=options.fps)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        raise ValueError(f"--size must look like 64 or 64x96 (HxW), got {text!r}") from None
+    if len(values) == 1:
+        return values[0], values[0]
+    if len(values) == 2:
+        return values[0], values[1]
+    raise ValueError(f"--size must look like 64 or 64x96 (HxW), got {text!r}")
+
+
+def _eval_shapes(args: argparse.Namespace) -> int:
+    from moviegen.eval.shapes_score import score_samples
+
+    score = score_samples(args.samples, progress=not args.quiet)
+    print(score.format_table())
+    print(json.dumps(score.to_dict()))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from moviegen.transformer import describe, transformer_recipe
+
+    print(describe(transformer_recipe(args.recipe)))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from moviegen.pipeline.demo import DemoConfig, run_demo
 
@@ -252,6 +373,70 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-clips", type=int, default=None)
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(run=_tae_eval)
+
+    precompute = verbs.add_parser(
+        "precompute", help="encode clips (TAE) and captions (text encoders) into shards"
+    )
+    precompute.add_argument("--tae", type=Path, required=True, help="TAE run or checkpoint")
+    precompute.add_argument("--data", type=Path, required=True, help="manifest (JSON Lines)")
+    precompute.add_argument("--out", type=Path, required=True, help="output folder (resumed)")
+    precompute.add_argument("--size", type=int, default=64, help="frames are SIZE x SIZE")
+    precompute.add_argument("--frames", type=int, default=16, help="frames per clip")
+    precompute.add_argument("--fps", type=float, default=None, help="sampling rate")
+    precompute.add_argument("--shard-size", type=int, default=256, help="clips per shard")
+    for name in ("ul2", "byt5", "metaclip"):
+        precompute.add_argument(
+            f"--{name}", type=Path, default=None, help=f"local {name} weights folder"
+        )
+    precompute.add_argument("--quiet", action="store_true")
+    precompute.set_defaults(run=_precompute)
+
+    t2v = verbs.add_parser("train", help="train (or resume) the text-to-video transformer")
+    t2v.add_argument("--recipe", default="tiny", help="debug | tiny | 1B | 5B | 9B | 17B | 30B")
+    t2v.add_argument("--latents", type=Path, required=True, help="`moviegen precompute` folder")
+    t2v.add_argument("--out", type=Path, required=True, help="run folder (resumed if it exists)")
+    t2v.add_argument("--steps", type=int, default=None)
+    t2v.add_argument("--time-budget", type=float, default=None, help="seconds of training")
+    t2v.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
+    )
+    t2v.add_argument("--fresh", action="store_true", help="delete the run folder first")
+    t2v.add_argument("--quiet", action="store_true", help="no progress bar")
+    t2v.set_defaults(run=_train)
+
+    sample = verbs.add_parser("sample", help="text-to-video sampling")
+    sample.add_argument("--checkpoint", type=Path, required=True, help="transformer run")
+    prompt = sample.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", type=str, help="one prompt (--output is a video file)")
+    prompt.add_argument(
+        "--prompts-file", type=Path, help="text or JSON Lines (--output is a folder)"
+    )
+    sample.add_argument("--output", type=Path, required=True)
+    sample.add_argument("--num-frames", type=int, default=16)
+    sample.add_argument("--size", default="64", help="HxW or one side, pixels")
+    sample.add_argument("--fps", type=float, default=8.0)
+    sample.add_argument("--steps", type=int, default=50)
+    sample.add_argument("--cfg", type=float, default=7.5, help="guidance scale")
+    sample.add_argument("--negative-prompt", default="")
+    sample.add_argument("--solver", default="euler", help="euler | heun")
+    sample.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
+    sample.add_argument("--batch-size", type=int, default=16, help="prompts solved at once")
+    sample.add_argument("--tae", type=Path, default=None, help="override the recorded TAE")
+    sample.add_argument("--quiet", action="store_true")
+    sample.set_defaults(run=_sample)
+
+    evaluation = verbs.add_parser("eval", help="evaluate generated samples")
+    eval_verbs = evaluation.add_subparsers(dest="eval_verb", required=True)
+    shapes_eval = eval_verbs.add_parser("shapes", help="prompt adherence on shapes captions")
+    shapes_eval.add_argument(
+        "--samples", type=Path, required=True, help="folder with prompts.jsonl"
+    )
+    shapes_eval.add_argument("--quiet", action="store_true")
+    shapes_eval.set_defaults(run=_eval_shapes)
+
+    info = verbs.add_parser("info", help="a transformer recipe's size")
+    info.add_argument("--recipe", required=True, help="debug | tiny | 1B | 5B | 9B | 17B | 30B")
+    info.set_defaults(run=_info)
 
     demo = verbs.add_parser("demo", help="the built-in end-to-end demo on the shapes data")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))

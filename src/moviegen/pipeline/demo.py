@@ -1,11 +1,20 @@
-"""`make demo`: the built-in end-to-end run on the shapes data.
+"""`make demo`: the built-in end-to-end text-to-video run on the shapes data.
 
-Stages (each reused when its outputs exist, unless ``fresh``):
+From nothing, on a 2-core CPU (stages reuse their finished outputs unless
+``fresh``; a stage's stamp file is written last and records its settings):
+
 1. make the shapes dataset (train/val manifests and clips);
-2. write a contact sheet PNG of clips with captions and an animated GIF grid;
-3. train the CPU-size TAE on it (``runs/demo/tae``, a valid ``--checkpoint``);
+2. write a contact sheet PNG of training clips with captions and a GIF grid;
+3. train the CPU-size TAE (``runs/demo/tae``, a valid ``--checkpoint``);
 4. measure its latent statistics into the checkpoint;
-5. reconstruct held-out clips: a GIF of ground truth beside reconstruction.
+5. reconstruct held-out clips: PSNR and a GIF of ground truth beside reconstruction;
+6. precompute latents and MiniLM caption features (``runs/demo/latents``);
+7. train the tiny transformer (``runs/demo/t2v``, a valid ``--checkpoint``);
+8. sample all 144 canonical captions (``runs/demo/samples`` + ``prompts.jsonl``);
+9. score prompt adherence with the shapes scorer, and write a contact sheet of
+   samples with their captions, a few GIFs and MP4s.
+
+It prints a timing table and the score, and writes both to ``runs/demo/summary.json``.
 """
 
 from __future__ import annotations
@@ -14,20 +23,36 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from moviegen.data.manifest import read_manifest
-from moviegen.data.shapes import generate_shapes_dataset
+from moviegen.data.precompute import PrecomputeConfig, precompute
+from moviegen.data.shapes import canonical_captions, generate_shapes_dataset
 from moviegen.data.transforms import frames_to_tensor, to_uint8_frames
 from moviegen.data.video_io import read_video, write_video
 from moviegen.eval.reconstruction import evaluate_tae
+from moviegen.eval.shapes_score import score_samples
 from moviegen.eval.visualize import clip_grid, contact_sheet
+from moviegen.pipeline.sample import SamplingOptions, TextToVideoPipeline, sample_to_folder
 from moviegen.tae.checkpoint import load_tae
 from moviegen.tae.stats import store_latent_stats
+from moviegen.text import default_text_encoders
+from moviegen.train.t2v_trainer import T2VTrainer, resolve_t2v_config
 from moviegen.train.tae_trainer import TAETrainer, resolve_config
 
 __all__ = ["DemoConfig", "run_demo"]
+
+NUM_STAGES = 9
+STAMP_FILE = "demo_stage.json"
+# Held-out clips reconstructed for the PSNR line and the GIF.
+NUM_RECONSTRUCTION_CLIPS = 16
+NUM_RECONSTRUCTION_TILES = 4
+# Sample videos also written as GIF/MP4 grids, and rows of the sample contact sheet.
+NUM_SAMPLE_EXAMPLES = 8
+NUM_SHEET_ROWS = 12
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,132 +66,223 @@ class DemoConfig:
     val_fraction: float = 0.1
     num_preview_clips: int = 8  # rows in the contact sheet and tiles in the GIF
     tae_recipe: str = "cpu"  # TAE training recipe
-    tae_time_budget_s: float = 420.0  # TAE training time (the recipe's steps cap it too)
+    tae_time_budget_s: float = 240.0  # TAE training time (the recipe's steps cap it too)
+    stats_clips: int = 256  # clips the latent statistics are measured on
+    t2v_recipe: str = "tiny"  # transformer training recipe
+    t2v_time_budget_s: float = 300.0  # transformer training time
+    sample_steps: int = 50
+    cfg_scale: float = 7.5
     fresh: bool = False  # start over instead of reusing finished stages
 
 
-def _shapes_stage(config: DemoConfig, log) -> Path:
-    data_dir = config.out / "data" / "shapes"
-    stamp = data_dir / "demo_stage.json"
-    params = {
-        key: getattr(config, key)
-        for key in ("num_clips", "size", "num_frames", "fps", "seed", "val_fraction")
-    }
-    if not config.fresh and stamp.is_file() and json.loads(stamp.read_text()) == params:
-        log(f"[1/5] shapes dataset: reusing {data_dir}")
-        return data_dir
-    if data_dir.exists():
-        shutil.rmtree(data_dir)
-    log(f"[1/5] shapes dataset: generating {config.num_clips} clips into {data_dir}")
-    generate_shapes_dataset(
-        data_dir,
-        num_clips=config.num_clips,
-        size=config.size,
-        num_frames=config.num_frames,
-        fps=config.fps,
-        seed=config.seed,
-        val_fraction=config.val_fraction,
-    )
-    # Written last: its presence means the stage finished.
-    stamp.write_text(json.dumps(params, indent=2))
-    return data_dir
+class _Stages:
+    """Numbered stage logging, stamps and timings."""
+
+    def __init__(self, config: DemoConfig, log: Callable[[str], None]):
+        self.config = config
+        self.log = log
+        self.timings: dict[str, float] = {}
+        self.number = 0
+
+    def run(self, name: str, folder: Path | None, params: dict[str, Any], work: Callable[[], Any]):
+        """Run ``work`` unless ``folder``'s stamp records the same ``params``."""
+        self.number += 1
+        prefix = f"[{self.number}/{NUM_STAGES}] {name}"
+        started = time.perf_counter()
+        stamp = folder / STAMP_FILE if folder is not None else None
+        if (
+            stamp is not None
+            and not self.config.fresh
+            and stamp.is_file()
+            and json.loads(stamp.read_text()).get("params") == params
+        ):
+            self.log(f"{prefix}: reusing {folder}")
+            result = json.loads(stamp.read_text()).get("result")
+        else:
+            if folder is not None and folder.exists():
+                shutil.rmtree(folder)
+            self.log(prefix)
+            result = work()
+            if stamp is not None:  # written last: its presence means the stage finished
+                stamp.parent.mkdir(parents=True, exist_ok=True)
+                stamp.write_text(json.dumps({"params": params, "result": result}, indent=2))
+        self.timings[name] = time.perf_counter() - started
+        return result
 
 
-def _preview_stage(config: DemoConfig, data_dir: Path, log) -> tuple[Path, Path]:
-    log("[2/5] preview: contact sheet and GIF")
+def _preview(config: DemoConfig, data_dir: Path) -> dict[str, str]:
     records = read_manifest(data_dir / "train.jsonl")[: config.num_preview_clips]
     clips = [(read_video(record.path), record.caption) for record in records]
     sheet = contact_sheet(clips, config.out / "shapes_contact_sheet.png")
     grid = clip_grid([frames for frames, _ in clips], columns=4, scale=2)
     gif = write_video(config.out / "shapes_preview.gif", grid, fps=config.fps)
-    return sheet, gif
+    return {"sheet": str(sheet), "gif": str(gif)}
 
 
-def _tae_stage(config: DemoConfig, data_dir: Path, log) -> Path:
-    run = config.out / "tae"
-    done = run / "demo_stage.json"
-    params = {"recipe": config.tae_recipe, "budget": config.tae_time_budget_s}
-    if not config.fresh and done.is_file() and json.loads(done.read_text()) == params:
-        log(f"[3/5] TAE: reusing {run}")
-        return run
-    if config.fresh and run.exists():
-        shutil.rmtree(run)
-    log(
-        f"[3/5] TAE: training the {config.tae_recipe!r} recipe for up to "
-        f"{config.tae_time_budget_s:.0f} s into {run}"
-    )
-    tae_config = resolve_config(
-        config.tae_recipe,
-        train=str(data_dir / "train.jsonl"),
-        val=str(data_dir / "val.jsonl"),
-        overrides=[f"time_budget_s={config.tae_time_budget_s}"],
-    )
-    logs = TAETrainer(tae_config, run).train()
-    log(f"      val PSNR {logs['val/psnr']:.2f} dB, SSIM {logs['val/ssim']:.4f}")
-    done.write_text(json.dumps(params))
-    return run
-
-
-def _stats_stage(run: Path, data_dir: Path, log) -> None:
-    log("[4/5] TAE latent statistics")
-    store_latent_stats(run, data_dir / "train.jsonl")
-
-
-def _reconstruction_stage(config: DemoConfig, run: Path, data_dir: Path, log) -> tuple[Path, float]:
-    log("[5/5] TAE reconstructions of held-out clips")
+def _reconstruct(config: DemoConfig, run: Path, data_dir: Path) -> dict[str, Any]:
     tae = load_tae(run)
-    report = evaluate_tae(tae, data_dir / "val.jsonl", progress=False)
-    records = read_manifest(data_dir / "val.jsonl")[:4]
+    report = evaluate_tae(
+        tae, data_dir / "val.jsonl", max_clips=NUM_RECONSTRUCTION_CLIPS, progress=False
+    )
     tiles = []
-    for record in records:
+    for record in read_manifest(data_dir / "val.jsonl")[:NUM_RECONSTRUCTION_TILES]:
         frames = read_video(record.path)
         reconstruction = tae.reconstruct(frames_to_tensor(frames)[None])
         tiles += [frames, to_uint8_frames(reconstruction[0])]
     grid = clip_grid(tiles, columns=2, scale=2)
     gif = write_video(config.out / "tae_reconstruction.gif", grid, fps=config.fps)
-    return gif, report.psnr
+    return {"gif": str(gif), "psnr": report.psnr, "ssim": report.ssim}
 
 
-def run_demo(config: DemoConfig, log=print) -> dict[str, Path]:
+def _sample(config: DemoConfig, t2v_run: Path, samples: Path) -> dict[str, Any]:
+    pipeline = TextToVideoPipeline.from_checkpoint(t2v_run)
+    options = SamplingOptions(
+        num_frames=config.num_frames,
+        height=config.size,
+        width=config.size,
+        fps=config.fps,
+        steps=config.sample_steps,
+        cfg_scale=config.cfg_scale,
+    )
+    started = time.perf_counter()
+    paths = sample_to_folder(
+        pipeline, canonical_captions(), samples, seed=config.seed, options=options, batch_size=48
+    )
+    seconds = time.perf_counter() - started
+    return {"num_videos": len(paths), "seconds_per_video": seconds / len(paths)}
+
+
+def _showcase(config: DemoConfig, samples: Path) -> dict[str, str]:
+    """A contact sheet of samples with captions, and GIF/MP4 grids of a few."""
+    lines = [json.loads(line) for line in (samples / "prompts.jsonl").read_text().splitlines()]
+    # Spread over the caption list so that every colour and shape shows up.
+    step = max(1, len(lines) // NUM_SHEET_ROWS)
+    chosen = lines[::step][:NUM_SHEET_ROWS]
+    clips = [(read_video(samples / line["path"]), line["prompt"]) for line in chosen]
+    sheet = contact_sheet(clips, config.out / "samples_contact_sheet.png")
+    grid = clip_grid([frames for frames, _ in clips[:NUM_SAMPLE_EXAMPLES]], columns=4, scale=2)
+    gif = write_video(config.out / "samples.gif", grid, fps=config.fps)
+    mp4 = write_video(config.out / "samples.mp4", grid, fps=config.fps)
+    return {"sheet": str(sheet), "gif": str(gif), "mp4": str(mp4)}
+
+
+def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Path]:
     """Run every demo stage and return the paths of what it made."""
-    config.out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    data_dir = _shapes_stage(config, log)
-    timings["shapes dataset"] = time.perf_counter() - start
-    start = time.perf_counter()
-    sheet, gif = _preview_stage(config, data_dir, log)
-    timings["preview"] = time.perf_counter() - start
-    start = time.perf_counter()
-    tae_run = _tae_stage(config, data_dir, log)
-    timings["TAE training"] = time.perf_counter() - start
-    start = time.perf_counter()
-    _stats_stage(tae_run, data_dir, log)
-    timings["latent stats"] = time.perf_counter() - start
-    start = time.perf_counter()
-    reconstruction_gif, val_psnr = _reconstruction_stage(config, tae_run, data_dir, log)
-    timings["reconstruction"] = time.perf_counter() - start
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    stages = _Stages(config, log)
+    data_dir, tae_run = out / "data" / "shapes", out / "tae"
+    latents, t2v_run, samples = out / "latents", out / "t2v", out / "samples"
+    data_params = {
+        key: getattr(config, key)
+        for key in ("num_clips", "size", "num_frames", "fps", "seed", "val_fraction")
+    }
+    tae_params = {**data_params, "recipe": config.tae_recipe, "budget": config.tae_time_budget_s}
+    t2v_params = {
+        **tae_params,
+        "stats_clips": config.stats_clips,
+        "t2v_recipe": config.t2v_recipe,
+        "t2v_budget": config.t2v_time_budget_s,
+    }
+    sample_params = {**t2v_params, "steps": config.sample_steps, "cfg": config.cfg_scale}
+
+    def make_data():
+        generate_shapes_dataset(
+            data_dir,
+            num_clips=config.num_clips,
+            size=config.size,
+            num_frames=config.num_frames,
+            fps=config.fps,
+            seed=config.seed,
+            val_fraction=config.val_fraction,
+        )
+
+    def train_tae():
+        tae_config = resolve_config(
+            config.tae_recipe,
+            train=str(data_dir / "train.jsonl"),
+            val=str(data_dir / "val.jsonl"),
+            overrides=[f"time_budget_s={config.tae_time_budget_s}"],
+        )
+        logs = TAETrainer(tae_config, tae_run).train()
+        store_latent_stats(tae_run, data_dir / "train.jsonl", max_clips=config.stats_clips)
+        return {"val_psnr": logs["val/psnr"]}
+
+    def make_latents():
+        precompute(
+            PrecomputeConfig(
+                tae=str(tae_run),
+                data=str(data_dir / "train.jsonl"),
+                size=config.size,
+                num_frames=config.num_frames,
+                fps=config.fps,
+            ),
+            latents,
+            text_encoders=default_text_encoders(),
+        )
+
+    def train_t2v():
+        t2v_config = resolve_t2v_config(
+            config.t2v_recipe,
+            latents=str(latents),
+            overrides=[f"time_budget_s={config.t2v_time_budget_s}", f"seed={config.seed}"],
+        )
+        logs = T2VTrainer(t2v_config, t2v_run).train()
+        return {"flow_loss": logs.get("loss/flow")}
+
+    stages.run("shapes dataset", data_dir, data_params, make_data)
+    preview = stages.run("preview", None, {}, lambda: _preview(config, data_dir))
+    stages.run("TAE training + latent stats", tae_run, tae_params, train_tae)
+    reconstruction = stages.run(
+        "TAE reconstruction", None, {}, lambda: _reconstruct(config, tae_run, data_dir)
+    )
+    stages.run("precompute", latents, t2v_params, make_latents)
+    stages.run("transformer training", t2v_run, t2v_params, train_t2v)
+    sampled = stages.run(
+        "sampling 144 captions", samples, sample_params, lambda: _sample(config, t2v_run, samples)
+    )
+    score = stages.run("scoring", None, {}, lambda: score_samples(samples).to_dict())
+    showcase = stages.run("contact sheet and videos", None, {}, lambda: _showcase(config, samples))
+
     outputs = {
-        "train manifest": data_dir / "train.jsonl",
-        "val manifest": data_dir / "val.jsonl",
-        "contact sheet": sheet,
-        "preview gif": gif,
+        "shapes contact sheet": Path(preview["sheet"]),
+        "shapes preview gif": Path(preview["gif"]),
         "TAE run": tae_run,
         "TAE loss curves": tae_run / "loss_curves.png",
-        "reconstruction": reconstruction_gif,
+        "TAE reconstruction": Path(reconstruction["gif"]),
+        "latents": latents,
+        "transformer run": t2v_run,
+        "transformer loss curves": t2v_run / "loss_curves.png",
+        "samples": samples,
+        "samples contact sheet": Path(showcase["sheet"]),
+        "samples gif": Path(showcase["gif"]),
+        "samples mp4": Path(showcase["mp4"]),
     }
-    (config.out / "demo_config.json").write_text(
-        json.dumps(
-            {k: os.fspath(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
-            indent=2,
-        )
+    summary = {
+        "config": {
+            k: os.fspath(v) if isinstance(v, Path) else v for k, v in asdict(config).items()
+        },
+        "timings_s": stages.timings,
+        "total_s": sum(stages.timings.values()),
+        "tae_psnr": reconstruction["psnr"],
+        "seconds_per_sample": sampled["seconds_per_video"],
+        "score": {
+            "all_correct_rate": score["all_correct_rate"],
+            "accuracy": score["accuracy"],
+        },
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log("")
+    log(f"{'stage':<30}{'seconds':>10}")
+    for stage, seconds in stages.timings.items():
+        log(f"{stage:<30}{seconds:>10.1f}")
+    log(f"{'total':<30}{summary['total_s']:>10.1f}")
+    log("")
+    log(f"TAE held-out PSNR: {reconstruction['psnr']:.2f} dB")
+    accuracy = ", ".join(f"{k} {v:.0%}" for k, v in score["accuracy"].items())
+    log(
+        f"prompt adherence on 144 captions: {score['all_correct_rate']:.1%} all correct ({accuracy})"
     )
-    log("")
-    log(f"{'stage':<20}{'seconds':>10}")
-    for stage, seconds in timings.items():
-        log(f"{stage:<20}{seconds:>10.1f}")
-    log("")
-    log(f"TAE held-out PSNR: {val_psnr:.2f} dB")
     for name, path in outputs.items():
-        log(f"{name:<16} {path}")
+        log(f"{name:<24} {path}")
     return outputs

@@ -318,6 +318,12 @@ class CheckpointManager:
         )
 
     @staticmethod
+    def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Only the ``metadata.json`` of a checkpoint (no tensors are read)."""
+        folder = CheckpointManager.resolve(path)
+        return json.loads((folder / METADATA_FILENAME).read_text())
+
+    @staticmethod
     def update_metadata(path: str | os.PathLike[str], updates: Mapping[str, Any]) -> dict[str, Any]:
         """Merge ``updates`` into a checkpoint's ``metadata.json`` (top-level keys) atomically.
 

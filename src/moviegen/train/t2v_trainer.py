@@ -1,0 +1,486 @@
+"""Training the text-to-video transformer: `moviegen train`.
+
+Reads a precompute folder (TAE latents and frozen text-encoder features, see
+:mod:`moviegen.data.precompute`), so neither the TAE nor the text encoders run
+during training. One loop, any size: flow matching with logit-normal t (the
+path and targets come from :mod:`moviegen.flow`), caption dropout on the
+features for classifier-free guidance, AdamW with warmup + cosine or constant
+learning rate, gradient clipping and accumulation, EMA weights, bucketed batches
+(one latent shape per batch), loss per t-bucket, tokens/s and model FLOPs
+utilisation, periodic sample videos, CSV/TensorBoard scalars with a loss-curve
+PNG, and atomic checkpoints that resume exactly (model, EMA, optimizer,
+scheduler, sampler position, RNG states).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from moviegen.config import apply_overrides, config_to_dict, save_config
+from moviegen.data.buckets import BucketBatchSampler, BucketSpec
+from moviegen.data.precompute import (
+    LatentDataset,
+    collate_latents,
+    load_null_features,
+    pad_text_features,
+    repeat_text_features,
+)
+from moviegen.data.transforms import strip_fps_prefix, to_uint8_frames
+from moviegen.data.video_io import write_video
+from moviegen.eval.visualize import clip_grid
+from moviegen.flow import FlowPath, build_timestep_sampler
+from moviegen.flow.path import SIGMA_MIN
+from moviegen.pipeline.sample import T2V_KIND, generate_latents
+from moviegen.tae.checkpoint import load_tae
+from moviegen.text import CAPTION_DROPOUT, TextFeatures, caption_keep_mask, drop_features
+from moviegen.train.checkpoint import CheckpointManager
+from moviegen.train.ema import EMA
+from moviegen.train.logging import ScalarLogger, plot_curves
+from moviegen.train.rng import capture_rng_state, restore_rng_state
+from moviegen.train.schedule import build_scheduler
+from moviegen.train.throughput import measure_matmul_flops, model_flops_utilisation
+from moviegen.transformer import TransformerConfig, train_step_flops, transformer_recipe
+from moviegen.transformer.conditioned import TextToVideoModel
+
+__all__ = ["T2VTrainConfig", "T2VTrainer", "resolve_t2v_config", "t2v_train_recipe"]
+
+# Columns of the periodic sample grid.
+SAMPLE_GRID_COLUMNS = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class T2VTrainConfig:
+    """Everything a transformer run needs; saved with every checkpoint."""
+
+    recipe: str = "tiny"  # the transformer recipe the model config came from
+    model: TransformerConfig = field(default_factory=lambda: transformer_recipe("tiny"))
+    latents: str = ""  # precompute folder (`moviegen precompute`); required
+    steps: int = 5000  # optimizer steps
+    time_budget_s: float | None = None  # stop (and checkpoint) after this much training time
+    batch_size: int = 32  # samples per micro-batch (every bucket)
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    grad_accum: int = 1  # micro-batches per optimizer step
+    ema_decay: float = 0.999  # 0 disables EMA
+    caption_dropout: float = CAPTION_DROPOUT  # share of captions replaced by the empty prompt
+    timestep_sampler: Literal["logit_normal", "uniform"] = "logit_normal"
+    sigma_min: float = SIGMA_MIN
+    num_t_buckets: int = 5  # the loss is also logged per t-bucket [k/n, (k+1)/n)
+    log_every: int = 10
+    sample_every: int = 500  # sample videos into samples/ (0: never)
+    num_sample_prompts: int = 8  # distinct training captions sampled
+    sample_steps: int = 50
+    sample_cfg: float = 7.5
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    peak_flops: float | None = None  # for MFU; None: measure the fp32 matmul FLOP/s here
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", ...
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "grad_accum", "log_every", "checkpoint_every", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+
+
+def t2v_train_recipe(name: str) -> T2VTrainConfig:
+    """Training recipes named after the transformer recipes; ``debug`` is for tests
+    and ``tiny`` for the CPU demo; larger ones use the paper's learning rate."""
+    model = transformer_recipe(name)
+    if name == "debug":
+        return T2VTrainConfig(
+            recipe=name,
+            model=model,
+            steps=20,
+            batch_size=4,
+            lr=1e-3,
+            warmup_steps=2,
+            log_every=5,
+            sample_every=10,
+            num_sample_prompts=2,
+            sample_steps=4,
+            checkpoint_every=10,
+        )
+    if name == "tiny":
+        return T2VTrainConfig(recipe=name, model=model, lr=1e-3, batch_size=64, warmup_steps=50)
+    # Movie Gen: 1e-4 for text-to-image, 6e-5 for joint image/video training.
+    return T2VTrainConfig(recipe=name, model=model, lr=6e-5, batch_size=1, warmup_steps=1000)
+
+
+def resolve_t2v_config(
+    recipe: str, *, latents: str | None = None, overrides: list[str] | None = None
+) -> T2VTrainConfig:
+    """A recipe with the latents folder filled in and ``--set key=value`` overrides."""
+    config = t2v_train_recipe(recipe)
+    if latents is not None:
+        config = apply_overrides(config, [f"latents={latents}"])
+    return apply_overrides(config, overrides or [])
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _to_device(features: TextFeatures, device: torch.device) -> TextFeatures:
+    return {name: (h.to(device), m.to(device)) for name, (h, m) in features.items()}
+
+
+class T2VTrainer:
+    """Builds everything from a config and runs (or resumes) training in ``run_dir``."""
+
+    def __init__(self, config: T2VTrainConfig, run_dir: str | Path, *, progress: bool = True):
+        if not config.latents:
+            raise ValueError("latents (a `moviegen precompute` folder) is required")
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.device = _pick_device(config.device)
+        torch.set_flush_denormal(True)
+        torch.manual_seed(config.seed)
+
+        self.dataset = LatentDataset(config.latents)
+        meta = self.dataset.meta
+        self.precompute_meta = meta
+        shapes = sorted(set(self.dataset.bucket_keys()))
+        latent_channels = meta["tae_config"]["latent_channels"]
+        if latent_channels != config.model.latent_channels:
+            raise ValueError(
+                f"the latents have {latent_channels} channels, the model expects "
+                f"{config.model.latent_channels}"
+            )
+        self.model = TextToVideoModel(config.model, meta["text_dims"])
+        self.model.init_weights()
+        self.model.to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=config.lr,
+            betas=config.betas,
+            weight_decay=config.weight_decay,
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            config.schedule,
+            warmup_steps=config.warmup_steps,
+            total_steps=config.steps,
+            min_lr_ratio=config.min_lr_ratio,
+        )
+        self.ema = (
+            EMA(self.model, decay=config.ema_decay, warmup=True) if config.ema_decay else None
+        )
+        self.path = FlowPath(config.sigma_min)
+        self.t_sampler = build_timestep_sampler(config.timestep_sampler)
+        # One generator for t, noise and caption dropout, saved with checkpoints.
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.null_text = load_null_features(config.latents)
+
+        spec = BucketSpec(
+            sizes=tuple(sorted({(h, w) for _, h, w in shapes})),
+            frame_counts=tuple(sorted({t for t, _, _ in shapes})),
+            default_batch_size=config.batch_size,
+        )
+        self.sampler = BucketBatchSampler(self.dataset.bucket_keys(), spec, seed=config.seed)
+        self.loader = DataLoader(
+            self.dataset, batch_sampler=self.sampler, collate_fn=collate_latents
+        )
+        self.checkpoints = CheckpointManager(self.run_dir, keep_last=config.keep_last)
+        self.step = 0
+        self.epoch = 0
+        self.consumed = 0
+        self.train_seconds = 0.0
+        self._tae = None  # loaded on the first sample
+        self._cached_flops_per_token: float | None = None
+
+    # ------------------------------------------------------------------ data
+
+    def _batches(self):
+        """Endless batches; the trainer owns the epoch counter (exact resume)."""
+        resumed_mid_epoch = self.consumed > 0
+        while True:
+            if not resumed_mid_epoch:
+                self.sampler.set_epoch(self.epoch)
+            resumed_mid_epoch = False
+            for batch in self.loader:
+                self.consumed += 1
+                yield batch
+            self.epoch += 1
+            self.consumed = 0
+
+    def _drop_captions(self, text: TextFeatures) -> TextFeatures:
+        """Replace a ``caption_dropout`` share of rows by the empty prompt."""
+        batch_size = next(iter(text.values()))[0].shape[0]
+        keep = caption_keep_mask(batch_size, self.config.caption_dropout, self.generator)
+        null = {name: (h[None], m[None]) for name, (h, m) in self.null_text.items()}
+        return drop_features(text, keep, null)
+
+    # ------------------------------------------------------------------ state
+
+    def _train_state(self) -> dict:
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": {**self.sampler.state_dict(), "epoch": self.epoch, "offset": self.consumed},
+            "rng": capture_rng_state(),
+            "generator": self.generator.get_state(),
+            "train_seconds": self.train_seconds,
+        }
+        if self.ema is not None:
+            state["ema_num_updates"] = self.ema.num_updates
+        return state
+
+    def save(self) -> Path:
+        return self.checkpoints.save(
+            self.step,
+            model_state=self.model.state_dict(),
+            ema_state=self.ema.shadow_state_dict() if self.ema is not None else None,
+            train_state=self._train_state(),
+            metadata={
+                "kind": T2V_KIND,
+                "config": config_to_dict(self.config),
+                "precompute": self.precompute_meta,
+            },
+        )
+
+    def resume(self) -> bool:
+        """Load the latest complete checkpoint of ``run_dir`` if there is one."""
+        latest = self.checkpoints.latest()
+        if latest is None:
+            return False
+        checkpoint = CheckpointManager.load(latest, map_location=self.device)
+        saved = checkpoint.metadata.get("config", {})
+        if saved.get("model") != config_to_dict(self.config)["model"]:
+            raise ValueError(
+                f"{latest} was trained with another transformer config; "
+                "use a new --out folder or the same recipe"
+            )
+        state = checkpoint.train_state
+        self.model.load_state_dict(checkpoint.model_state)
+        if self.ema is not None and checkpoint.ema_state is not None:
+            self.ema.load_state_dict(
+                {"shadow": checkpoint.ema_state, "num_updates": state["ema_num_updates"]}
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.epoch = state["sampler"]["epoch"]
+        self.consumed = state["sampler"]["offset"]
+        if self.consumed >= len(self.sampler):
+            self.epoch, self.consumed = self.epoch + 1, 0
+        restore_rng_state(state["rng"])
+        self.generator.set_state(state["generator"])
+        self.step = checkpoint.step
+        self.train_seconds = state["train_seconds"]
+        return True
+
+    # ------------------------------------------------------------------ steps
+
+    def _train_step(self, batches) -> tuple[dict[str, float], np.ndarray, np.ndarray, int]:
+        """One optimizer step; returns logs, per-sample t and losses, and the
+        number of video tokens processed."""
+        config = self.config
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total, ts, losses, tokens = 0.0, [], [], 0
+        for _ in range(config.grad_accum):
+            batch = next(batches)
+            x1 = batch["latent"].to(self.device)  # (B, C, T, H, W)
+            text = _to_device(self._drop_captions(batch["text"]), self.device)
+            t = self.t_sampler(x1.shape[0], generator=self.generator).to(self.device)
+            x0 = self._noise(x1.shape).to(self.device)
+            xt = self.path.interpolate(x0, x1, t)
+            target = self.path.velocity_target(x0, x1)
+            prediction = self.model(xt, t, text)
+            per_sample = (prediction.float() - target).pow(2).flatten(1).mean(1)  # (B,)
+            loss = per_sample.mean()
+            (loss / config.grad_accum).backward()
+            total += float(loss.detach()) / config.grad_accum
+            ts.append(t.detach().cpu().numpy())
+            losses.append(per_sample.detach().cpu().numpy())
+            tokens += x1.shape[0] * self._tokens_per_sample(x1.shape)
+        logs = {"loss/flow": total}
+        if config.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+            logs["train/grad_norm"] = float(norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        logs["train/lr"] = self.scheduler.get_last_lr()[0]
+        return logs, np.concatenate(ts), np.concatenate(losses), tokens
+
+    def _noise(self, shape: torch.Size) -> torch.Tensor:
+        """The flow's source sample X_0 ~ N(0, I), drawn on the CPU generator."""
+        return torch.randn(shape, generator=self.generator)
+
+    def _tokens_per_sample(self, shape) -> int:
+        patch = self.config.model.patch_size
+        return int(np.prod([size // p for size, p in zip(shape[2:], patch, strict=True)]))
+
+    def _t_bucket_logs(self, ts: list[np.ndarray], losses: list[np.ndarray]) -> dict[str, float]:
+        t, loss = np.concatenate(ts), np.concatenate(losses)
+        count = self.config.num_t_buckets
+        bucket = np.minimum((t * count).astype(int), count - 1)
+        logs = {}
+        for k in range(count):
+            if (bucket == k).any():
+                logs[f"loss_t/{k / count:.1f}-{(k + 1) / count:.1f}"] = float(
+                    loss[bucket == k].mean()
+                )
+        return logs
+
+    # ------------------------------------------------------------------ samples
+
+    def _sample_prompts(self) -> tuple[list[str], TextFeatures, tuple[int, ...]]:
+        """The first distinct training captions, their features and latent shape."""
+        seen: dict[str, int] = {}
+        for position, caption in enumerate(self.dataset.captions):
+            if caption not in seen:
+                seen[caption] = position
+            if len(seen) == self.config.num_sample_prompts:
+                break
+        items = [self.dataset[position] for position in seen.values()]
+        text = pad_text_features([item["text"] for item in items])
+        return list(seen), text, tuple(items[0]["latent"].shape)
+
+    @torch.no_grad()
+    def write_samples(self) -> Path | None:
+        """Sample videos for a few training captions (EMA weights) into
+        ``samples/step_XXXXXXXX.mp4``, captions in a ``.txt`` beside it."""
+        if self.config.num_sample_prompts < 1:
+            return None
+        if self._tae is None:
+            self._tae = load_tae(self.precompute_meta["tae_checkpoint"], map_location=self.device)
+        captions, text, shape = self._sample_prompts()
+        negative = repeat_text_features(
+            {name: (h[None], m[None]) for name, (h, m) in self.null_text.items()}, len(captions)
+        )
+        context = (
+            self.ema.swapped_into(self.model) if self.ema is not None else contextlib.nullcontext()
+        )
+        with context:
+            latents = generate_latents(
+                self.model,
+                _to_device(text, self.device),
+                _to_device(negative, self.device),
+                latent_shape=shape,
+                seeds=list(range(len(captions))),
+                steps=self.config.sample_steps,
+                cfg_scale=self.config.sample_cfg,
+            )
+        geometry = self.precompute_meta["config"]
+        video = self._tae.decode(latents, num_frames=geometry["num_frames"])
+        grid = clip_grid(
+            [to_uint8_frames(clip) for clip in video],
+            columns=min(SAMPLE_GRID_COLUMNS, len(captions)),
+            scale=max(1, 128 // geometry["size"]),
+        )
+        path = self.run_dir / "samples" / f"step_{self.step:08d}.mp4"
+        write_video(path, grid, fps=geometry["fps"] or 8)
+        path.with_suffix(".txt").write_text(
+            "".join(strip_fps_prefix(caption) + "\n" for caption in captions)
+        )
+        return path
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self, *, stop_at: int | None = None) -> dict[str, float]:
+        """Run until ``steps`` (or the time budget, or ``stop_at``, which stops
+        early as an interruption would, after a checkpoint); returns the last logs."""
+        config = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self.resume()
+        save_config(config, self.run_dir / "config.json")
+        peak = config.peak_flops or measure_matmul_flops(device=self.device)
+        batches = self._batches()
+        logger = ScalarLogger(self.run_dir)
+        bar = tqdm(
+            total=config.steps,
+            initial=self.step,
+            desc="t2v",
+            unit="step",
+            disable=not self.progress,
+        )
+        if resumed:
+            tqdm.write(f"resumed from step {self.step} in {self.run_dir}")
+        if self.dataset.skips.total:
+            tqdm.write(f"precompute skipped clips: {self.dataset.skips.summary()}")
+        logs: dict[str, float] = {}
+        window_ts: list[np.ndarray] = []
+        window_losses: list[np.ndarray] = []
+        window_tokens, window_flops, window_seconds = 0, 0.0, 0.0
+        start_seconds = self.train_seconds
+        started = time.perf_counter()
+        try:
+            while self.step < config.steps:
+                step_started = time.perf_counter()
+                logs, ts, losses, tokens = self._train_step(batches)
+                window_seconds += time.perf_counter() - step_started
+                self.step += 1
+                self.train_seconds = start_seconds + time.perf_counter() - started
+                window_ts.append(ts)
+                window_losses.append(losses)
+                window_tokens += tokens
+                window_flops += tokens * self._flops_per_token()
+                bar.update(1)
+                if self.step % config.log_every == 0:
+                    logs.update(self._t_bucket_logs(window_ts, window_losses))
+                    logs["perf/tokens_per_s"] = window_tokens / window_seconds
+                    logs["perf/mfu"] = model_flops_utilisation(window_flops, window_seconds, peak)
+                    logs["train/seconds"] = self.train_seconds
+                    logger.log(self.step, logs)
+                    bar.set_postfix(loss=f"{logs['loss/flow']:.4f}", mfu=f"{logs['perf/mfu']:.1%}")
+                    window_ts, window_losses = [], []
+                    window_tokens, window_flops, window_seconds = 0, 0.0, 0.0
+                out_of_time = (
+                    config.time_budget_s is not None and self.train_seconds >= config.time_budget_s
+                )
+                interrupted = stop_at is not None and self.step >= stop_at
+                finished = self.step == config.steps or out_of_time or interrupted
+                if config.sample_every and (self.step % config.sample_every == 0 or finished):
+                    self.write_samples()
+                if self.step >= config.log_every and (self.step % config.log_every == 0 or finished):
+                    plot_curves(logger.csv_path, self.run_dir / "loss_curves.png")
+                if self.step % config.checkpoint_every == 0 or finished:
+                    self.save()
+                if interrupted:
+                    break
+                if out_of_time:
+                    tqdm.write(
+                        f"time budget of {config.time_budget_s:.0f} s reached at step {self.step}"
+                    )
+                    break
+        finally:
+            bar.close()
+            logger.close()
+        return logs
+
+    def _flops_per_token(self) -> float:
+        """Training FLOPs per video token at the dataset's first latent shape
+        (text length: the padded length of the null prompt's features)."""
+        if self._cached_flops_per_token is None:
+            shape = self.dataset[0]["latent"].shape
+            num_tokens = self._tokens_per_sample((1, *shape))
+            num_text = sum(int(h.shape[0]) for h, _ in self.dataset[0]["text"].values())
+            flops = train_step_flops(self.config.model, num_tokens, num_text)
+            self._cached_flops_per_token = flops / num_tokens
+        return self._cached_flops_per_token
