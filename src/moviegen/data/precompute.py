@@ -9,7 +9,8 @@ into a folder of shards:
 ```
 DIR/meta.json                what made it: TAE checkpoint, latent stats, encoders, clip geometry
 DIR/null_text.safetensors    encoder features of the empty prompt (caption dropout, CFG)
-DIR/shard_00000.safetensors  "<i>.latent" (C, T, H, W) and "<i>.<encoder>.hidden/mask" per sample
+DIR/shard_00000.safetensors  "<i>.latent" (C, T, H, W) per clip i of the manifest, and
+                             "text.<k>.<encoder>.hidden/mask" per distinct caption k of the shard
 DIR/shard_00000.jsonl        one line per manifest clip of the shard: caption, shape, or skip reason
 ```
 
@@ -61,6 +62,9 @@ __all__ = [
 META_FILE = "meta.json"
 NULL_TEXT_FILE = "null_text.safetensors"
 FORMAT_VERSION = 1
+# Clips encoded per TAE call: measured on 2 CPU cores (cpu recipe, 16x64x64
+# clips), batches of 2-4 take 35-40 ms per clip, single clips 150 ms, 16 clips 56 ms.
+ENCODE_BATCH_SIZE = 4
 # Captions encoded per text-encoder call.
 TEXT_BATCH_SIZE = 64
 
@@ -86,7 +90,7 @@ def _trim(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch
     """One prompt's features cut to its real tokens (at least one position,
     masked out when the encoder saw nothing, e.g. ByT5 without quoted text)."""
     length = max(int(mask.sum()), 1)
-    return hidden[:length].contiguous(), mask[:length].contiguous()
+    return hidden[:length].clone(), mask[:length].clone()  # own storage, for safetensors
 
 
 def _encode_captions(
@@ -215,7 +219,26 @@ def precompute(
 def _write_shard(out, shard, indices, dataset, tae, conditioner, skips, bar, device) -> None:
     tensors: dict[str, torch.Tensor] = {}
     lines: list[dict] = []
-    good: list[tuple[int, str]] = []
+    good: list[tuple[int, str]] = []  # (manifest index, caption)
+    pending: list[tuple[int, dict]] = []  # read clips of one shape, waiting to be encoded
+
+    def flush() -> None:
+        videos = torch.stack([sample["video"] for _, sample in pending]).to(device)
+        for (index, sample), latent in zip(pending, tae.encode(videos).cpu(), strict=True):
+            tensors[f"{index}.latent"] = latent.clone(memory_format=torch.contiguous_format)
+            good.append((index, sample["caption"]))
+            record = dataset.records[index]
+            lines.append(
+                {
+                    "index": index,
+                    "path": str(record.path),
+                    "caption": sample["caption"],
+                    "latent_shape": list(latent.shape),
+                    "attributes": record.attributes,
+                }
+            )
+        pending.clear()
+
     for index in indices:
         sample = dataset[index]
         bar.update(1)
@@ -223,24 +246,23 @@ def _write_shard(out, shard, indices, dataset, tae, conditioner, skips, bar, dev
             skips.add(sample)
             lines.append({"index": index, "path": sample.path, "skipped": sample.reason})
             continue
-        latent = tae.encode(sample["video"][None].to(device))[0].cpu()  # (C, T', H', W')
-        tensors[f"{index}.latent"] = latent.contiguous()
-        good.append((index, sample["caption"]))
-        record = dataset.records[index]
-        lines.append(
-            {
-                "index": index,
-                "path": str(record.path),
-                "caption": sample["caption"],
-                "latent_shape": list(latent.shape),
-                "attributes": record.attributes,
-            }
-        )
+        if pending and pending[0][1]["video"].shape != sample["video"].shape:
+            flush()
+        pending.append((index, sample))
+        if len(pending) == ENCODE_BATCH_SIZE:
+            flush()
+    if pending:
+        flush()
+    # Features are stored once per distinct caption of the shard; lines point at them.
     text = _encode_captions(conditioner, [caption for _, caption in good])
-    for index, caption in good:
+    text_keys = {caption: key for key, caption in enumerate(text)}
+    for line in lines:
+        if "caption" in line:
+            line["text_key"] = text_keys[line["caption"]]
+    for caption, key in text_keys.items():
         for name, (hidden, mask) in text[caption].items():
-            tensors[f"{index}.{name}.hidden"] = hidden
-            tensors[f"{index}.{name}.mask"] = mask
+            tensors[f"text.{key}.{name}.hidden"] = hidden
+            tensors[f"text.{key}.{name}.mask"] = mask
     stem = _shard_stem(shard)
     temp = out / f".{stem}.safetensors.tmp"
     save_file(tensors, temp)
@@ -358,11 +380,11 @@ class LatentDataset(Dataset):
         position = item[0] if isinstance(item, tuple) else item
         shard, entry = self.entries[position]
         handle = self._handle(shard)
-        key = entry["index"]
+        key, text_key = entry["index"], entry["text_key"]
         text = {
             name: (
-                handle.get_tensor(f"{key}.{name}.hidden"),
-                handle.get_tensor(f"{key}.{name}.mask").bool(),
+                handle.get_tensor(f"text.{text_key}.{name}.hidden"),
+                handle.get_tensor(f"text.{text_key}.{name}.mask").bool(),
             )
             for name in self.encoder_names
         }

@@ -509,16 +509,25 @@ class ShapesScore:
 
         lines = []
         if per_video and self.rows:
-            name_width = max(len(row["path"]) for row in self.rows)
-            header = f"{'video':<{name_width}}  {'expected':<36}  {'read':<36}  " + "  ".join(
-                f"{name[:5]:>5}" for name in ATTRIBUTE_NAMES
+
+            def words(attributes: dict) -> str:
+                return " ".join(str(attributes[name]) for name in ATTRIBUTE_NAMES)
+
+            cells = [
+                (row["path"], words(row["expected"]), words(row["predicted"]), row["correct"])
+                for row in self.rows
+            ]
+            path_width = max(len(cell[0]) for cell in cells)
+            text_width = max(len("expected"), *(len(text) for cell in cells for text in cell[1:3]))
+            lines.append(
+                f"{'video':<{path_width}}  {'expected':<{text_width}}  "
+                f"{'read':<{text_width}}  " + "  ".join(ATTRIBUTE_NAMES)
             )
-            lines.append(header)
-            for row in self.rows:
-                read = " ".join(str(row["predicted"][name]) for name in ATTRIBUTE_NAMES)
-                expected = " ".join(row["expected"][name] for name in ATTRIBUTE_NAMES)
-                marks = "  ".join(f"{mark(row['correct'][name]):>5}" for name in ATTRIBUTE_NAMES)
-                lines.append(f"{row['path']:<{name_width}}  {expected:<36}  {read:<36}  {marks}")
+            for path, expected, read, correct in cells:
+                marks = "  ".join(f"{mark(correct[name]):>{len(name)}}" for name in ATTRIBUTE_NAMES)
+                lines.append(
+                    f"{path:<{path_width}}  {expected:<{text_width}}  {read:<{text_width}}  {marks}"
+                )
             lines.append("")
         lines.append(f"videos scored: {self.num_videos}")
         for name in ATTRIBUTE_NAMES:

@@ -458,7 +458,9 @@ class T2VTrainer:
                 finished = self.step == config.steps or out_of_time or interrupted
                 if config.sample_every and (self.step % config.sample_every == 0 or finished):
                     self.write_samples()
-                if self.step >= config.log_every and (self.step % config.log_every == 0 or finished):
+                if self.step >= config.log_every and (
+                    self.step % config.log_every == 0 or finished
+                ):
                     plot_curves(logger.csv_path, self.run_dir / "loss_curves.png")
                 if self.step % config.checkpoint_every == 0 or finished:
                     self.save()
