@@ -176,3 +176,20 @@ def test_latent_stats_accumulator_matches_torch():
     flat = latents.transpose(0, 1).flatten(1)
     torch.testing.assert_close(mean, flat.mean(1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(std, flat.std(1, correction=0), atol=1e-5, rtol=1e-5)
+
+
+def test_batch_same_shape_groups_consecutive_clips_of_one_shape():
+    from moviegen.tae.stats import batch_same_shape
+
+    clips = [torch.full((1, 3, 8, 16, 16), float(i)) for i in range(5)]
+    clips.insert(2, torch.zeros(1, 3, 4, 16, 16))  # another shape breaks the run
+    batches = list(batch_same_shape(clips, batch_size=2))
+    assert [tuple(batch.shape[:3]) for batch in batches] == [
+        (2, 3, 8),
+        (1, 3, 4),
+        (2, 3, 8),
+        (1, 3, 8),
+    ]
+    # Nothing lost, order kept.
+    values = [float(clip[0, 0, 0, 0]) for batch in batches for clip in batch]
+    assert values == [0.0, 1.0, 0.0, 2.0, 3.0, 4.0]

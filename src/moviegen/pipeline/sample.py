@@ -135,6 +135,8 @@ def generate_latents(
     on any device).
     """
     device = next(model.parameters()).device
+    text = {name: (h.to(device), m.to(device)) for name, (h, m) in text.items()}
+    negative_text = {name: (h.to(device), m.to(device)) for name, (h, m) in negative_text.items()}
     noise = torch.stack(
         [
             torch.randn(tuple(latent_shape), generator=torch.Generator().manual_seed(s))
@@ -214,7 +216,7 @@ class TextToVideoPipeline:
             config_from_dict(TextEncoderConfig, entry, path="text_encoders")
             for entry in precompute["text_encoders"]
         ]
-        conditioner = TextConditioner(encoders)
+        conditioner = TextConditioner(encoders).to(device)
         if dict(conditioner.dims) != precompute["text_dims"]:
             raise ValueError(
                 f"text encoders give widths {dict(conditioner.dims)}, the model was trained "

@@ -23,7 +23,33 @@ from moviegen.tae.checkpoint import LATENT_STATS_KEY, load_tae
 from moviegen.tae.model import TAE
 from moviegen.train.checkpoint import CheckpointManager
 
-__all__ = ["LatentStatsAccumulator", "measure_latent_stats", "store_latent_stats"]
+__all__ = [
+    "LatentStatsAccumulator",
+    "batch_same_shape",
+    "measure_latent_stats",
+    "store_latent_stats",
+]
+
+# Clips per encoder call. On 2 CPU cores (cpu recipe, 16x64x64 clips) batches
+# of 2-4 take 35-40 ms per clip, single clips 150 ms, batches of 16 56 ms.
+STATS_BATCH_SIZE = 4
+
+
+def batch_same_shape(
+    videos: Iterable[torch.Tensor], batch_size: int = STATS_BATCH_SIZE
+) -> Iterable[torch.Tensor]:
+    """Concatenate consecutive ``(1, C, T, H, W)`` clips of one shape into batches."""
+    pending: list[torch.Tensor] = []
+    for video in videos:
+        if pending and pending[0].shape != video.shape:
+            yield torch.cat(pending)
+            pending = []
+        pending.append(video)
+        if len(pending) == batch_size:
+            yield torch.cat(pending)
+            pending = []
+    if pending:
+        yield torch.cat(pending)
 
 
 class LatentStatsAccumulator:
@@ -104,7 +130,9 @@ def store_latent_stats(
     paths = list_media(data)[:max_clips]
     skips = SkipCounter()
     clips = (video for _, video in iter_clips(paths, size=size, num_frames=num_frames, skips=skips))
-    mean, std, count = measure_latent_stats(tae, clips, progress=progress, total=len(paths))
+    mean, std, count = measure_latent_stats(
+        tae, batch_same_shape(clips), progress=progress, total=-(-len(paths) // STATS_BATCH_SIZE)
+    )
     stats = {"mean": mean.tolist(), "std": std.tolist(), "num_clips": count, "data": str(data)}
     CheckpointManager.update_metadata(folder, {LATENT_STATS_KEY: stats})
     return folder, stats, skips
