@@ -117,7 +117,9 @@ def test_precompute_latents_are_the_normalised_tae_encoding(latents, tae_run, sh
     first = json.loads((shapes_data / "train.jsonl").read_text().splitlines()[0])
     video = frames_to_tensor(read_video(shapes_data / first["path"]))[None]
     expected = tae.encode(video)[0]
-    torch.testing.assert_close(dataset[0]["latent"], expected, rtol=1e-5, atol=1e-5)
+    # Precompute encodes clips in batches; batched convolutions sum in another
+    # order than a batch of one, hence the fp32 tolerance.
+    torch.testing.assert_close(dataset[0]["latent"], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_precompute_resumes_and_refuses_other_settings(latents, tae_run, shapes_data, tmp_path):
