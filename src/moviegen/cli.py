@@ -272,6 +272,41 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from moviegen.distributed.planner import format_validation, plan_training, validate_on_cpu
+
+    if args.validate:
+        results = validate_on_cpu(default_malloc=True)
+        if args.json:
+            print(json.dumps([result.to_dict() for result in results]))
+        else:
+            print(format_validation(results))
+        return 0
+    if args.recipe is None:
+        raise ValueError("plan needs --recipe (or --validate)")
+    options = {
+        "num_gpus": args.gpus,
+        "gpu_memory_gib": args.gpu_memory,
+        "num_video_tokens": args.tokens,
+        "num_text_tokens": args.text_tokens,
+        "micro_batch_size": args.micro_batch,
+        "grad_accum": args.grad_accum,
+        "context_parallel": args.cp,
+        "shard_across_cp": args.shard_across_cp,
+        "activation_checkpointing": args.ac,
+        "precision": args.precision,
+        "attention": args.attention,
+        "ema": not args.no_ema,
+        "extra_memory_gib": args.extra_memory,
+        "peak_flops": None if args.peak_tflops is None else args.peak_tflops * 1e12,
+        "mfu": args.mfu,
+    }
+    # Options left out take the planner's defaults.
+    plan = plan_training(args.recipe, **{k: v for k, v in options.items() if v is not None})
+    print(json.dumps(plan.to_dict()) if args.json else plan.format())
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from moviegen.pipeline.demo import DemoConfig, run_demo
 
@@ -437,6 +472,43 @@ def build_parser() -> argparse.ArgumentParser:
     info = verbs.add_parser("info", help="a transformer recipe's size")
     info.add_argument("--recipe", required=True, help="debug | tiny | 1B | 5B | 9B | 17B | 30B")
     info.set_defaults(run=_info)
+
+    plan = verbs.add_parser(
+        "plan", help="per-GPU memory and step time of training a recipe (FSDP + CP)"
+    )
+    plan.add_argument("--recipe", default=None, help="debug | tiny | 1B | 5B | 9B | 17B | 30B")
+    plan.add_argument("--gpus", type=int, default=1, help="GPUs in the job")
+    plan.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU (80)")
+    plan.add_argument(
+        "--tokens", type=int, default=None, help="video tokens per sample (default: the most)"
+    )
+    plan.add_argument("--cp", type=int, default=1, help="context-parallel degree (divides --gpus)")
+    plan.add_argument(
+        "--ac", default="none", help="activation checkpointing: full | selective | none"
+    )
+    plan.add_argument(
+        "--shard-across-cp", action="store_true", help="FSDP over all GPUs, not gpus / cp"
+    )
+    plan.add_argument("--micro-batch", type=int, default=1, help="samples per data-parallel rank")
+    plan.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    plan.add_argument("--text-tokens", type=int, default=None, help="text context length (640)")
+    plan.add_argument("--precision", default="bf16-mixed", help="bf16-mixed | fp32")
+    plan.add_argument("--attention", default="flash", help="flash | math (materialises N x N)")
+    plan.add_argument("--no-ema", action="store_true", help="no fp32 EMA copy of the weights")
+    plan.add_argument(
+        "--extra-memory", type=float, default=0.0, help="GiB per GPU for text encoders, TAE"
+    )
+    plan.add_argument(
+        "--peak-tflops", type=float, default=None, help="per GPU (default: H100 dense)"
+    )
+    plan.add_argument("--mfu", type=float, default=None, help="assumed fraction of peak (0.4)")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    plan.add_argument(
+        "--validate",
+        action="store_true",
+        help="train small configs on this CPU and compare their peak memory with the plan",
+    )
+    plan.set_defaults(run=_plan)
 
     demo = verbs.add_parser("demo", help="the built-in end-to-end demo on the shapes data")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
