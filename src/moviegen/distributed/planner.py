@@ -780,9 +780,26 @@ def _rss_bytes() -> int:
         return _peak_rss_bytes()
 
 
+def _reset_peak_rss() -> None:
+    """Restart the peak-RSS watermark (Linux: writing 5 to clear_refs resets
+    VmHWM), so that transient peaks of imports and warm-up are not counted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass  # elsewhere the lifetime peak is used
+
+
 def _peak_rss_bytes() -> int:
     import resource
 
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return peak if sys.platform == "darwin" else peak * 1024
@@ -832,6 +849,7 @@ def _measure_in_this_process() -> None:
     tiny["config"] = {**tiny["config"], "dim": 8, "num_heads": 1, "ffn_dim": 8, "num_layers": 1}
     _train_steps(tiny, steps=2)
     baseline = _rss_bytes()
+    _reset_peak_rss()
     _train_steps(request["case"], steps=request["steps"])
     print(json.dumps({"baseline": baseline, "peak": _peak_rss_bytes()}))
 
