@@ -72,19 +72,38 @@ def _data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tae_train(args: argparse.Namespace) -> int:
-    from moviegen.train.tae_trainer import TAETrainer, resolve_config
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the training verbs: --out, --steps, --time-budget, --set, --fresh, --quiet."""
+    parser.add_argument("--out", type=Path, required=True, help="run folder (resumed if it exists)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds of training")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
+    )
+    parser.add_argument("--fresh", action="store_true", help="delete the run folder first")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _run_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` overrides plus --steps / --time-budget; deletes the run with --fresh."""
     overrides = list(args.set)
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
     if args.time_budget is not None:
         overrides.append(f"time_budget_s={args.time_budget}")
-    config = resolve_config(args.recipe, overrides=overrides, train=str(args.data), val=args.val)
     if args.fresh and args.out.exists():
         import shutil
 
         shutil.rmtree(args.out)
+    return overrides
+
+
+def _tae_train(args: argparse.Namespace) -> int:
+    from moviegen.train.tae_trainer import TAETrainer, resolve_config
+
+    config = resolve_config(
+        args.recipe, overrides=_run_overrides(args), train=str(args.data), val=args.val
+    )
     logs = TAETrainer(config, args.out, progress=not args.quiet).train()
     if logs:
         print(f"val PSNR {logs['val/psnr']:.2f} dB, SSIM {logs['val/ssim']:.4f}")
@@ -186,16 +205,9 @@ def _precompute(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from moviegen.train.t2v_trainer import T2VTrainer, resolve_t2v_config
 
-    overrides = list(args.set)
-    if args.steps is not None:
-        overrides.append(f"steps={args.steps}")
-    if args.time_budget is not None:
-        overrides.append(f"time_budget_s={args.time_budget}")
-    config = resolve_t2v_config(args.recipe, latents=str(args.latents), overrides=overrides)
-    if args.fresh and args.out.exists():
-        import shutil
-
-        shutil.rmtree(args.out)
+    config = resolve_t2v_config(
+        args.recipe, latents=str(args.latents), overrides=_run_overrides(args)
+    )
     logs = T2VTrainer(config, args.out, progress=not args.quiet).train()
     if logs:
         print(f"flow loss {logs['loss/flow']:.4f}")
@@ -370,14 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--recipe", default="cpu", help="debug | cpu | paper")
     train.add_argument("--data", type=Path, required=True, help="training manifest")
     train.add_argument("--val", type=str, default=None, help="validation manifest")
-    train.add_argument("--out", type=Path, required=True, help="run folder (resumed if it exists)")
-    train.add_argument("--steps", type=int, default=None)
-    train.add_argument("--time-budget", type=float, default=None, help="seconds of training")
-    train.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
-    )
-    train.add_argument("--fresh", action="store_true", help="delete the run folder first")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_arguments(train)
     train.set_defaults(run=_tae_train)
 
     stats = tae_verbs.add_parser("stats", help="measure latent mean/std into the checkpoint")
@@ -429,14 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     t2v = verbs.add_parser("train", help="train (or resume) the text-to-video transformer")
     t2v.add_argument("--recipe", default="tiny", help="debug | tiny | 1B | 5B | 9B | 17B | 30B")
     t2v.add_argument("--latents", type=Path, required=True, help="`moviegen precompute` folder")
-    t2v.add_argument("--out", type=Path, required=True, help="run folder (resumed if it exists)")
-    t2v.add_argument("--steps", type=int, default=None)
-    t2v.add_argument("--time-budget", type=float, default=None, help="seconds of training")
-    t2v.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
-    )
-    t2v.add_argument("--fresh", action="store_true", help="delete the run folder first")
-    t2v.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_arguments(t2v)
     t2v.set_defaults(run=_train)
 
     sample = verbs.add_parser("sample", help="text-to-video sampling")

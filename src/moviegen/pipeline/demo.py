@@ -53,6 +53,12 @@ NUM_RECONSTRUCTION_TILES = 4
 # Sample videos also written as GIF/MP4 grids, and rows of the sample contact sheet.
 NUM_SAMPLE_EXAMPLES = 8
 NUM_SHEET_ROWS = 12
+# Prompts solved at once when sampling the 144 captions (larger batches use the
+# 2 cores better; 48 divides 144).
+SAMPLE_BATCH_SIZE = 48
+# Layout of the GIF/MP4 grids: tiles per row and nearest-neighbour upscaling.
+GRID_COLUMNS = 4
+GRID_SCALE = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,7 +139,7 @@ def _preview(config: DemoConfig, data_dir: Path) -> dict[str, str]:
     records = read_manifest(data_dir / "train.jsonl")[: config.num_preview_clips]
     clips = [(read_video(record.path), record.caption) for record in records]
     sheet = contact_sheet(clips, config.out / "shapes_contact_sheet.png")
-    grid = clip_grid([frames for frames, _ in clips], columns=4, scale=2)
+    grid = clip_grid([frames for frames, _ in clips], columns=GRID_COLUMNS, scale=GRID_SCALE)
     gif = write_video(config.out / "shapes_preview.gif", grid, fps=config.fps)
     return {"sheet": str(sheet), "gif": str(gif)}
 
@@ -148,7 +154,7 @@ def _reconstruct(config: DemoConfig, run: Path, data_dir: Path) -> dict[str, Any
         frames = read_video(record.path)
         reconstruction = tae.reconstruct(frames_to_tensor(frames)[None])
         tiles += [frames, to_uint8_frames(reconstruction[0])]
-    grid = clip_grid(tiles, columns=2, scale=2)
+    grid = clip_grid(tiles, columns=2, scale=GRID_SCALE)  # original | reconstruction
     gif = write_video(config.out / "tae_reconstruction.gif", grid, fps=config.fps)
     return {"gif": str(gif), "psnr": report.psnr, "ssim": report.ssim}
 
@@ -165,7 +171,12 @@ def _sample(config: DemoConfig, t2v_run: Path, samples: Path) -> dict[str, Any]:
     )
     started = time.perf_counter()
     paths = sample_to_folder(
-        pipeline, canonical_captions(), samples, seed=config.seed, options=options, batch_size=48
+        pipeline,
+        canonical_captions(),
+        samples,
+        seed=config.seed,
+        options=options,
+        batch_size=SAMPLE_BATCH_SIZE,
     )
     seconds = time.perf_counter() - started
     return {"num_videos": len(paths), "seconds_per_video": seconds / len(paths)}
@@ -179,7 +190,11 @@ def _showcase(config: DemoConfig, samples: Path) -> dict[str, str]:
     chosen = lines[::step][:NUM_SHEET_ROWS]
     clips = [(read_video(samples / line["path"]), line["prompt"]) for line in chosen]
     sheet = contact_sheet(clips, config.out / "samples_contact_sheet.png")
-    grid = clip_grid([frames for frames, _ in clips[:NUM_SAMPLE_EXAMPLES]], columns=4, scale=2)
+    grid = clip_grid(
+        [frames for frames, _ in clips[:NUM_SAMPLE_EXAMPLES]],
+        columns=GRID_COLUMNS,
+        scale=GRID_SCALE,
+    )
     gif = write_video(config.out / "samples.gif", grid, fps=config.fps)
     mp4 = write_video(config.out / "samples.mp4", grid, fps=config.fps)
     return {"sheet": str(sheet), "gif": str(gif), "mp4": str(mp4)}

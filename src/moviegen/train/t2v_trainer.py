@@ -45,7 +45,7 @@ from moviegen.text import CAPTION_DROPOUT, TextFeatures, caption_keep_mask, drop
 from moviegen.train.checkpoint import CheckpointManager
 from moviegen.train.ema import EMA
 from moviegen.train.logging import ScalarLogger, plot_curves
-from moviegen.train.rng import capture_rng_state, restore_rng_state
+from moviegen.train.resumable import ResumableTraining, pick_device
 from moviegen.train.schedule import build_scheduler
 from moviegen.train.throughput import measure_matmul_flops, model_flops_utilisation
 from moviegen.transformer import TransformerConfig, train_step_flops, transformer_recipe
@@ -53,8 +53,11 @@ from moviegen.transformer.conditioned import TextToVideoModel
 
 __all__ = ["T2VTrainConfig", "T2VTrainer", "resolve_t2v_config", "t2v_train_recipe"]
 
-# Columns of the periodic sample grid.
+# Columns of the periodic sample grid, the width in pixels its tiles are
+# upscaled to, and the playback rate when the latents record no fps.
 SAMPLE_GRID_COLUMNS = 4
+SAMPLE_TILE_PIXELS = 128
+SAMPLE_FPS = 8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,17 +138,11 @@ def resolve_t2v_config(
     return apply_overrides(config, overrides or [])
 
 
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _to_device(features: TextFeatures, device: torch.device) -> TextFeatures:
     return {name: (h.to(device), m.to(device)) for name, (h, m) in features.items()}
 
 
-class T2VTrainer:
+class T2VTrainer(ResumableTraining):
     """Builds everything from a config and runs (or resumes) training in ``run_dir``."""
 
     def __init__(self, config: T2VTrainConfig, run_dir: str | Path, *, progress: bool = True):
@@ -154,7 +151,7 @@ class T2VTrainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.progress = progress
-        self.device = _pick_device(config.device)
+        self.device = pick_device(config.device)
         torch.set_flush_denormal(True)
         torch.manual_seed(config.seed)
 
@@ -234,20 +231,6 @@ class T2VTrainer:
 
     # ------------------------------------------------------------------ state
 
-    def _train_state(self) -> dict:
-        state = {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "sampler": {**self.sampler.state_dict(), "epoch": self.epoch, "offset": self.consumed},
-            "rng": capture_rng_state(),
-            "generator": self.generator.get_state(),
-            "train_seconds": self.train_seconds,
-        }
-        if self.ema is not None:
-            state["ema_num_updates"] = self.ema.num_updates
-        return state
-
     def save(self) -> Path:
         return self.checkpoints.save(
             self.step,
@@ -273,23 +256,7 @@ class T2VTrainer:
                 f"{latest} was trained with another transformer config; "
                 "use a new --out folder or the same recipe"
             )
-        state = checkpoint.train_state
-        self.model.load_state_dict(checkpoint.model_state)
-        if self.ema is not None and checkpoint.ema_state is not None:
-            self.ema.load_state_dict(
-                {"shadow": checkpoint.ema_state, "num_updates": state["ema_num_updates"]}
-            )
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.epoch = state["sampler"]["epoch"]
-        self.consumed = state["sampler"]["offset"]
-        if self.consumed >= len(self.sampler):
-            self.epoch, self.consumed = self.epoch + 1, 0
-        restore_rng_state(state["rng"])
-        self.generator.set_state(state["generator"])
-        self.step = checkpoint.step
-        self.train_seconds = state["train_seconds"]
+        self._restore_state(checkpoint)
         return True
 
     # ------------------------------------------------------------------ steps
@@ -392,10 +359,10 @@ class T2VTrainer:
         grid = clip_grid(
             [to_uint8_frames(clip) for clip in video],
             columns=min(SAMPLE_GRID_COLUMNS, len(captions)),
-            scale=max(1, 128 // geometry["size"]),
+            scale=max(1, SAMPLE_TILE_PIXELS // geometry["size"]),
         )
         path = self.run_dir / "samples" / f"step_{self.step:08d}.mp4"
-        write_video(path, grid, fps=geometry["fps"] or 8)
+        write_video(path, grid, fps=geometry["fps"] or SAMPLE_FPS)
         path.with_suffix(".txt").write_text(
             "".join(strip_fps_prefix(caption) + "\n" for caption in captions)
         )

@@ -38,7 +38,7 @@ from moviegen.tae.model import TAE, TAEConfig, tae_recipe
 from moviegen.train.checkpoint import CheckpointManager
 from moviegen.train.ema import EMA
 from moviegen.train.logging import ScalarLogger, plot_curves
-from moviegen.train.rng import capture_rng_state, restore_rng_state
+from moviegen.train.resumable import ResumableTraining, pick_device
 from moviegen.train.schedule import build_scheduler
 
 __all__ = ["TAEDataConfig", "TAETrainConfig", "TAETrainer", "tae_train_recipe"]
@@ -147,13 +147,7 @@ def tae_train_recipe(name: str) -> TAETrainConfig:
     )
 
 
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-class TAETrainer:
+class TAETrainer(ResumableTraining):
     """Builds everything from a config and runs (or resumes) training in ``run_dir``."""
 
     def __init__(self, config: TAETrainConfig, run_dir: str | Path, *, progress: bool = True):
@@ -162,7 +156,7 @@ class TAETrainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.progress = progress
-        self.device = _pick_device(config.device)
+        self.device = pick_device(config.device)
         # Zero-initialised layers make tiny (denormal) floats during training,
         # and CPUs handle those up to 100x slower; flushing them to zero is harmless.
         torch.set_flush_denormal(True)
@@ -281,17 +275,7 @@ class TAETrainer:
     # ------------------------------------------------------------------ state
 
     def _train_state(self) -> dict:
-        state = {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "sampler": {**self.sampler.state_dict(), "epoch": self.epoch, "offset": self.consumed},
-            "rng": capture_rng_state(),
-            "generator": self.generator.get_state(),
-            "train_seconds": self.train_seconds,
-        }
-        if self.ema is not None:
-            state["ema_num_updates"] = self.ema.num_updates
+        state = super()._train_state()
         if self.disc_optimizer is not None:
             state["discriminator"] = self.loss.discriminator.state_dict()
             state["disc_optimizer"] = self.disc_optimizer.state_dict()
@@ -318,26 +302,11 @@ class TAETrainer:
                 f"{latest} was trained with another TAE architecture; "
                 "use a new --out folder or the same recipe"
             )
+        self._restore_state(checkpoint)
         state = checkpoint.train_state
-        self.model.load_state_dict(checkpoint.model_state)
-        if self.ema is not None and checkpoint.ema_state is not None:
-            self.ema.load_state_dict(
-                {"shadow": checkpoint.ema_state, "num_updates": state["ema_num_updates"]}
-            )
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         if self.disc_optimizer is not None and "discriminator" in state:
             self.loss.discriminator.load_state_dict(state["discriminator"])
             self.disc_optimizer.load_state_dict(state["disc_optimizer"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.epoch = state["sampler"]["epoch"]
-        self.consumed = state["sampler"]["offset"]
-        if self.consumed >= len(self.sampler):  # saved right at the end of an epoch
-            self.epoch, self.consumed = self.epoch + 1, 0
-        restore_rng_state(state["rng"])
-        self.generator.set_state(state["generator"])
-        self.step = checkpoint.step
-        self.train_seconds = state["train_seconds"]
         return True
 
     # ------------------------------------------------------------------ steps
