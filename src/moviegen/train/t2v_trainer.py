@@ -48,7 +48,12 @@ from moviegen.train.logging import ScalarLogger, plot_curves
 from moviegen.train.resumable import ResumableTraining, pick_device
 from moviegen.train.schedule import build_scheduler
 from moviegen.train.throughput import measure_matmul_flops, model_flops_utilisation
-from moviegen.transformer import TransformerConfig, train_step_flops, transformer_recipe
+from moviegen.transformer import (
+    TransformerConfig,
+    num_video_tokens,
+    train_step_flops,
+    transformer_recipe,
+)
 from moviegen.transformer.conditioned import TextToVideoModel
 
 __all__ = ["T2VTrainConfig", "T2VTrainer", "resolve_t2v_config", "t2v_train_recipe"]
@@ -283,7 +288,7 @@ class T2VTrainer(ResumableTraining):
             total += float(loss.detach()) / config.grad_accum
             ts.append(t.detach().cpu().numpy())
             losses.append(per_sample.detach().cpu().numpy())
-            tokens += x1.shape[0] * self._tokens_per_sample(x1.shape)
+            tokens += x1.shape[0] * num_video_tokens(self.config.model, tuple(x1.shape[2:]))
         logs = {"loss/flow": total}
         if config.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
@@ -298,10 +303,6 @@ class T2VTrainer(ResumableTraining):
     def _noise(self, shape: torch.Size) -> torch.Tensor:
         """The flow's source sample X_0 ~ N(0, I), drawn on the CPU generator."""
         return torch.randn(shape, generator=self.generator)
-
-    def _tokens_per_sample(self, shape) -> int:
-        patch = self.config.model.patch_size
-        return int(np.prod([size // p for size, p in zip(shape[2:], patch, strict=True)]))
 
     def _t_bucket_logs(self, ts: list[np.ndarray], losses: list[np.ndarray]) -> dict[str, float]:
         t, loss = np.concatenate(ts), np.concatenate(losses)
@@ -444,11 +445,11 @@ class T2VTrainer(ResumableTraining):
         return logs
 
     def _flops_per_token(self) -> float:
-        """Training FLOPs per video token at the dataset's first latent shape
-        (text length: the padded length of the null prompt's features)."""
+        """Training FLOPs per video token at the first sample's latent shape and
+        text length (used for MFU; buckets of other shapes are close enough)."""
         if self._cached_flops_per_token is None:
             shape = self.dataset[0]["latent"].shape
-            num_tokens = self._tokens_per_sample((1, *shape))
+            num_tokens = num_video_tokens(self.config.model, tuple(shape[1:]))
             num_text = sum(int(h.shape[0]) for h, _ in self.dataset[0]["text"].values())
             flops = train_step_flops(self.config.model, num_tokens, num_text)
             self._cached_flops_per_token = flops / num_tokens
