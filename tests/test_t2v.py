@@ -413,4 +413,4 @@ def test_cli_errors_are_clear(t2v_run, tmp_path, capsys):
 def test_cli_info_prints_the_30b_parameter_count(capsys):
     assert main(["info", "--recipe", "30B"]) == 0
     out = capsys.readouterr().out
-    assert "48" in out and "6144" in out
+    assert "29,260,548,160" in out and "6144" in out
