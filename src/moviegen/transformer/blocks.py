@@ -11,6 +11,7 @@ pre-norm (RMSNorm with a learned weight) and a plain residual.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from moviegen.transformer.config import TransformerConfig
 __all__ = [
     "NUM_MODULATIONS",
     "Attention",
+    "AttentionFn",
     "FeedForward",
     "TransformerBlock",
     "modulate",
@@ -33,6 +35,12 @@ NUM_MODULATIONS = 6
 INIT_STD = 0.02
 # Truncated normals are cut at this many standard deviations.
 TRUNCATION = 2.0
+
+# ``fn(q, k, v, attn_mask=None) -> out``: queries ``(B, H, N, hd)``, keys and
+# values ``(B, H, L, hd)``, a bool mask broadcastable to ``(B, H, N, L)`` (True =
+# attend) or None; output ``(B, H, N, hd)``. ``F.scaled_dot_product_attention``
+# is one; context parallel (moviegen.distributed) installs a distributed one.
+AttentionFn = Callable[..., torch.Tensor]
 
 
 def trunc_normal(weight: torch.Tensor, std: float) -> None:
@@ -58,6 +66,10 @@ class Attention(nn.Module):
     Self-attention passes ``source = x``. Keys are masked with a boolean
     ``key_mask`` broadcastable to ``(B, heads, N, L)`` (True = attend), never
     queries: padded queries produce outputs that nobody reads.
+
+    ``attention_fn`` (an :data:`AttentionFn`, default SDPA) computes attention
+    from the projected heads; it is the hook through which context parallel
+    swaps in an attention that communicates, without this module knowing.
     """
 
     def __init__(self, config: TransformerConfig):
@@ -73,6 +85,7 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.attention_fn: AttentionFn = F.scaled_dot_product_attention
 
     def init_weights(self, out_std: float) -> None:
         for layer in (self.wq, self.wk, self.wv):
@@ -94,7 +107,7 @@ class Attention(nn.Module):
         v = self.wv(source).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, H, L, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, H, N, hd)
+        out = self.attention_fn(q, k, v, attn_mask=key_mask)  # (B, H, N, hd)
         return self.wo(out.transpose(1, 2).flatten(2))  # (B, N, D)
 
 
@@ -164,10 +177,12 @@ class TransformerBlock(nn.Module):
         """One block.
 
         Args:
-            x: video tokens ``(B, N, D)`` (position embedding already added).
+            x: video tokens ``(B, N, D)`` (position embedding already added);
+                under context parallel, this device's slice of them.
             modulation: shared timestep modulation ``(B, 6, D)``.
             context: text tokens ``(B, L, D)``.
-            self_mask: ``(B, 1, 1, N)`` bool, True for real video keys, or None.
+            self_mask: ``(B, 1, 1, N)`` bool, True for real video keys, or None;
+                always over the whole sequence, for ``self_attn.attention_fn``.
             cross_mask: ``(B, 1, 1, L)`` bool, True for text keys to attend to.
             has_context: ``(B, 1, 1)`` in x's dtype; 0 zeroes the cross-attention
                 output of samples without any real text key.

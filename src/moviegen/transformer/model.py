@@ -26,6 +26,10 @@ Masks (True = real):
 
 The module knows nothing about parallelism. Build it on the ``meta`` device,
 shard it, ``to_empty()`` it and call :meth:`MovieGenTransformer.init_weights`.
+Context parallel plugs in from outside through two hooks, both no-ops here:
+:attr:`MovieGenTransformer.sequence_sharding` (a :class:`SequenceSharding`:
+which video tokens this device computes) and each self-attention's
+``attention_fn`` (:class:`~moviegen.transformer.blocks.Attention`).
 """
 
 from __future__ import annotations
@@ -41,12 +45,43 @@ from moviegen.transformer.blocks import NUM_MODULATIONS, TransformerBlock, modul
 from moviegen.transformer.config import TransformerConfig
 from moviegen.transformer.embeddings import PatchEmbed, PositionEmbed, TimestepEmbed
 
-__all__ = ["COND_KEYS", "MovieGenTransformer"]
+__all__ = ["COND_KEYS", "MovieGenTransformer", "SequenceSharding"]
 
 # Keys of the ``cond`` dict of :meth:`MovieGenTransformer.velocity` (True = required).
 COND_KEYS = {"context": True, "context_mask": True, "video_mask": False}
 # Final modulation table: shift and scale.
 NUM_FINAL_MODULATIONS = 2
+
+
+class SequenceSharding:
+    """Which video tokens this device runs through the blocks: all of them.
+
+    The hook for context parallel (``moviegen.distributed.context_parallel``
+    subclasses it). Between :meth:`shard` and :meth:`gather` every block and
+    the final layer see only the local tokens; self-attention's keys must be
+    the whole sequence, which is the installed ``attention_fn``'s job.
+    """
+
+    def shard(
+        self, tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Local tokens, their positions and the key mask of the whole sequence.
+
+        Args:
+            tokens: ``(B, N, D)`` all video tokens.
+            positions: ``(N, D)`` their position embedding.
+            keys: ``(B, N)`` bool, True = real video key, or None (all real).
+
+        Returns:
+            ``(B, n, D)`` local tokens, ``(n, D)`` their positions and the
+            ``(B, N')`` key mask of the (possibly padded, ``N' >= N``) whole
+            sequence, or None. Here ``n = N' = N`` and nothing changes.
+        """
+        return tokens, positions, keys
+
+    def gather(self, tokens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """Local outputs ``(B, n, X)`` -> outputs ``(B, num_tokens, X)`` of all tokens."""
+        return tokens
 
 
 class FinalLayer(nn.Module):
@@ -104,6 +139,8 @@ class MovieGenTransformer(nn.Module):
         self.timestep_modulation = nn.Linear(config.dim, NUM_MODULATIONS * config.dim)
         self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
         self.final_layer = FinalLayer(config)
+        # Context parallel replaces this (and self-attention's attention_fn).
+        self.sequence_sharding = SequenceSharding()
         self.init_weights()
 
     # --------------------------------------------------------------- init
@@ -281,12 +318,16 @@ class MovieGenTransformer(nn.Module):
         modulation = self.timestep_modulation(F.silu(embedding))  # (B, 6 D)
         modulation = modulation.unflatten(1, (NUM_MODULATIONS, self.config.dim))  # (B, 6, D)
 
-        self_mask = None
+        keys = None
         if video_mask is not None:
             keys = self.patch_mask(video_mask)  # (B, N)
             # A sample without real tokens attends to all of them (finite, unused).
             keys = keys | ~keys.any(dim=1, keepdim=True)
-            self_mask = keys[:, None, None, :]  # (B, 1, 1, N)
+        num_tokens = tokens.shape[1]
+        # From here to the gather, only this device's n tokens (n = N without
+        # context parallel); the key mask covers the whole (maybe padded) sequence.
+        tokens, positions, keys = self.sequence_sharding.shard(tokens, positions, keys)
+        self_mask = None if keys is None else keys[:, None, None, :]  # (B, 1, 1, N)
         has_context = context_mask.any(dim=1)  # (B,)
         # Samples without text attend to everything, then have the result zeroed.
         cross_mask = (context_mask | ~has_context[:, None])[:, None, None, :]  # (B, 1, 1, L)
@@ -297,7 +338,10 @@ class MovieGenTransformer(nn.Module):
                 tokens + positions, modulation, context, self_mask, cross_mask, has_context
             )
 
-        patches = self.final_layer(tokens, embedding)  # (B, N, patch * C)
+        patches = self.final_layer(tokens, embedding)  # (B, n, patch * C)
+        # Gathered after the final layer: its output is narrower than D (less to
+        # send), and so every parameter sees only the local tokens.
+        patches = self.sequence_sharding.gather(patches, num_tokens)  # (B, N, patch * C)
         return self.unpatchify(patches, grid)  # (B, C, T, H, W)
 
     def velocity(
