@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from moviegen.tae.model import TAE, TAEConfig, level_frame_counts, tae_recipe
+from moviegen.tae.model import (
+    TAE,
+    TAEConfig,
+    channel_average,
+    level_frame_counts,
+    pool_shortcut,
+    tae_recipe,
+    upsample_shortcut,
+)
 from moviegen.tae.tiling import blend_weights, decode_tiled, tile_starts
 
 
-@pytest.fixture(scope="module")
-def tae() -> TAE:
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "shortcuts"])
+def tae(request) -> TAE:
+    """The debug TAE, as in the paper and with residual shortcuts."""
     torch.manual_seed(0)
-    return TAE(tae_recipe("debug")).eval()
+    return TAE(replace(tae_recipe("debug"), residual_shortcuts=request.param)).eval()
 
 
 def random_video(batch: int, frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -156,7 +166,45 @@ def test_bad_latents_and_frame_counts(tae):
         tae.decode_latents(torch.zeros(1, 16, 3, 2, 2), num_frames=16)
 
 
+def test_shortcuts_pool_and_upsample_are_inverse_on_blockwise_constant_video():
+    coarse = random_video(2, 3, 4, 5)  # (B, C, T, H, W) at half resolution
+    fine = upsample_shortcut(coarse, num_frames=6)
+    assert fine.shape == (2, 3, 6, 8, 10)
+    torch.testing.assert_close(pool_shortcut(fine), coarse)
+    # An odd frame count repeats the last frame before pooling.
+    odd = upsample_shortcut(coarse, num_frames=5)
+    assert odd.shape[2] == 5
+    torch.testing.assert_close(pool_shortcut(odd), coarse)
+    # Channel groups: consecutive channels are averaged.
+    features = torch.arange(8.0).view(1, 8, 1, 1, 1)
+    assert channel_average(features, 2).flatten().tolist() == [1.5, 5.5]
+
+
+def test_shortcuts_carry_a_constant_colour_through_the_untrained_bottleneck():
+    """With the learned downsampling layers and the latent projection zeroed,
+    the latents cannot see the input, unless the shortcuts carry it."""
+    outputs = {}
+    for shortcuts in (False, True):
+        torch.manual_seed(0)
+        model = TAE(replace(tae_recipe("debug"), residual_shortcuts=shortcuts)).eval()
+        with torch.no_grad():
+            stages = [stage for stage in model.encoder.levels if hasattr(stage, "spatial_down")]
+            zeroed = [model.encoder.conv_out]
+            zeroed += [
+                layer for stage in stages for layer in (stage.spatial_down, stage.temporal_down)
+            ]
+            for module in zeroed:
+                for parameter in module.parameters():
+                    parameter.zero_()
+            dark, bright = (torch.full((1, 3, 8, 16, 16), value) for value in (-0.5, 0.5))
+            outputs[shortcuts] = [model.encode_moments(v)[:, :16] for v in (dark, bright)]
+    torch.testing.assert_close(outputs[False][0], outputs[False][1], msg="no shortcut: blind")
+    assert not torch.allclose(outputs[True][0], outputs[True][1]), "shortcut carries colour"
+
+
 def test_config_validation():
+    with pytest.raises(ValueError, match="multiple of latent_channels"):
+        TAEConfig(widths=(8, 8, 8, 24), norm_groups=4, residual_shortcuts=True)
     with pytest.raises(ValueError, match="4 levels"):
         TAEConfig(widths=(8, 8, 8))
     with pytest.raises(ValueError, match="norm_groups"):

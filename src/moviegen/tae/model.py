@@ -60,6 +60,11 @@ class TAEConfig:
     attention: bool = True  # spatial + temporal self-attention in the mid blocks
     attention_head_dim: int = 64  # channels per attention head
     encoder_chunk_frames: int = 32  # encoder sees independent chunks of this many frames
+    # Parameter-free shortcuts around every down/upsampling and around the
+    # latent bottleneck (residual autoencoding, as in DC-AE): the layers then
+    # learn a residual on top of average pooling / nearest upsampling, which
+    # trains several times faster at high compression. Off: the paper's TAE.
+    residual_shortcuts: bool = False
 
     def __post_init__(self) -> None:
         if len(self.widths) != 4:
@@ -71,6 +76,11 @@ class TAEConfig:
                 raise ValueError(
                     f"width {width} is not divisible by norm_groups {self.norm_groups}"
                 )
+        if self.residual_shortcuts and self.widths[-1] % self.latent_channels:
+            raise ValueError(
+                f"residual_shortcuts need the last width ({self.widths[-1]}) to be a multiple "
+                f"of latent_channels ({self.latent_channels})"
+            )
         if self.encoder_chunk_frames % COMPRESSION:
             raise ValueError(
                 f"encoder_chunk_frames must be a multiple of {COMPRESSION}, "
@@ -154,6 +164,27 @@ class TemporalUpsample(nn.Module):
         x = self.conv(F.pad(x, (0, 0, 0, 0, 1, 1), mode="replicate"))  # (B, 2C, T, H, W)
         x = rearrange(x, "b (two c) t h w -> b c (t two) h w", two=2)
         return x[:, :, :num_frames].contiguous(memory_format=torch.channels_last_3d)
+
+
+def pool_shortcut(x: torch.Tensor) -> torch.Tensor:
+    """2x2x2 average pooling, ``(B, C, T, H, W)`` -> ``(B, C, ceil(T/2), H/2, W/2)``.
+
+    An odd frame count repeats the last frame (as the replicate-padded
+    stride-2 temporal convolution beside it effectively does).
+    """
+    if x.shape[2] % 2:
+        x = torch.cat([x, x[:, :, -1:]], dim=2)
+    return F.avg_pool3d(x, kernel_size=2)
+
+
+def upsample_shortcut(x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """Nearest 2x2x2 upsampling, trimmed to ``num_frames`` (inverse of :func:`pool_shortcut`)."""
+    return F.interpolate(x, scale_factor=2.0, mode="nearest")[:, :, :num_frames]
+
+
+def channel_average(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Average groups of consecutive channels: ``(B, G * channels, ...)`` -> ``(B, channels, ...)``."""
+    return x.unflatten(1, (channels, -1)).mean(dim=2)
 
 
 class Conv25d(nn.Module):
@@ -268,6 +299,8 @@ class Encoder(nn.Module):
         self.mid = MidBlock(channels, config)
         self.norm_out = FrameGroupNorm(config.norm_groups, channels, eps=GROUPNORM_EPS)
         self.conv_out = Conv25d(channels, 2 * config.latent_channels)
+        self.latent_channels = config.latent_channels
+        self.shortcuts = config.residual_shortcuts
         with torch.no_grad():
             # Start with a narrow posterior: with log-variance 0, sampling adds
             # noise of std 1 that drowns the untrained encoder's small means,
@@ -280,9 +313,15 @@ class Encoder(nn.Module):
             for block in stage.blocks:
                 h = block(h)
             if hasattr(stage, "spatial_down"):
-                h = stage.temporal_down(stage.spatial_down(h))
+                down = stage.temporal_down(stage.spatial_down(h))
+                h = down + pool_shortcut(h) if self.shortcuts else down
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        moments = self.conv_out(F.silu(self.norm_out(h)))
+        if self.shortcuts:
+            # The posterior mean is a residual on the features' channel-group averages.
+            mean, logvar = moments.chunk(2, dim=1)
+            moments = torch.cat([mean + channel_average(h, self.latent_channels), logvar], dim=1)
+        return moments
 
 
 class Decoder(nn.Module):
@@ -308,19 +347,25 @@ class Decoder(nn.Module):
             self.levels.append(stage)
         self.norm_out = FrameGroupNorm(config.norm_groups, channels, eps=GROUPNORM_EPS)
         self.conv_out = Conv25d(channels, config.in_channels)
+        self.shortcuts = config.residual_shortcuts
+        self.latent_repeats = widths[-1] // config.latent_channels
 
     def forward(self, z: torch.Tensor, frame_counts: list[int]) -> torch.Tensor:
         """``frame_counts``: frames at each level from the top (pixels) down,
         i.e. ``[T, ceil(T/2), ceil(T/4), ceil(T/8)]``; upsampled levels are trimmed to them."""
-        h = self.mid(self.conv_in(z))
+        h = self.conv_in(z)
+        if self.shortcuts:
+            # Each latent channel feeds the group of features it was averaged from.
+            h = h + z.repeat_interleave(self.latent_repeats, dim=1)
+        h = self.mid(h)
         for index, stage in enumerate(self.levels):
             for block in stage.blocks:
                 h = block(h)
             if hasattr(stage, "spatial_up"):
                 target = frame_counts[len(self.levels) - 2 - index]
-                h = F.interpolate(h, scale_factor=(1, 2, 2), mode="nearest")
-                h = stage.spatial_up(h)
-                h = stage.temporal_up(h, target)
+                up = F.interpolate(h, scale_factor=(1, 2, 2), mode="nearest")
+                up = stage.temporal_up(stage.spatial_up(up), target)
+                h = up + upsample_shortcut(h, target) if self.shortcuts else up
         return self.conv_out(F.silu(self.norm_out(h)))
 
     @property
