@@ -10,6 +10,7 @@ import torch
 
 from moviegen.tae.model import (
     TAE,
+    PixelRMSNorm,
     TAEConfig,
     channel_average,
     level_frame_counts,
@@ -19,12 +20,18 @@ from moviegen.tae.model import (
 )
 from moviegen.tae.tiling import blend_weights, decode_tiled, tile_starts
 
+VARIANTS = {
+    "plain": {},
+    "shortcuts": {"residual_shortcuts": True},
+    "pixelnorm": {"norm": "pixel", "residual_shortcuts": True},
+}
 
-@pytest.fixture(scope="module", params=[False, True], ids=["plain", "shortcuts"])
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
 def tae(request) -> TAE:
-    """The debug TAE, as in the paper and with residual shortcuts."""
+    """The debug TAE as in the paper, with residual shortcuts, and with pixel norms."""
     torch.manual_seed(0)
-    return TAE(replace(tae_recipe("debug"), residual_shortcuts=request.param)).eval()
+    return TAE(replace(tae_recipe("debug"), **VARIANTS[request.param])).eval()
 
 
 def random_video(batch: int, frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -202,7 +209,24 @@ def test_shortcuts_carry_a_constant_colour_through_the_untrained_bottleneck():
     assert not torch.allclose(outputs[True][0], outputs[True][1]), "shortcut carries colour"
 
 
+def test_pixel_norm_is_rms_over_channels_and_local_to_each_pixel():
+    norm = PixelRMSNorm(6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 6))
+        norm.bias.copy_(torch.linspace(-1.0, 1.0, 6))
+    x = torch.randn(2, 6, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # (B, C, T, H, W)
+    expected = x / x.square().mean(dim=1, keepdim=True).add(norm.eps).sqrt()
+    expected = expected * norm.weight.view(1, -1, 1, 1, 1) + norm.bias.view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(norm(x), expected)
+    # No statistic spans pixels: a crop is normalised exactly as inside the frame.
+    torch.testing.assert_close(norm(x[..., 2:5, 1:7]), norm(x)[..., 2:5, 1:7])
+    channels_last = x.contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(norm(channels_last), expected)
+
+
 def test_config_validation():
+    with pytest.raises(ValueError, match="norm must be"):
+        TAEConfig(norm="batch")
     with pytest.raises(ValueError, match="multiple of latent_channels"):
         TAEConfig(widths=(8, 8, 8, 24), norm_groups=4, residual_shortcuts=True)
     with pytest.raises(ValueError, match="4 levels"):

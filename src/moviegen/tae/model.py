@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,11 @@ class TAEConfig:
     latent_channels: int = 16  # Movie Gen: 16 (more channels helped)
     widths: tuple[int, ...] = (128, 256, 512, 512)  # channels per resolution level
     num_res_blocks: int = 2  # residual blocks per encoder level (decoder: one more)
-    norm_groups: int = 32  # GroupNorm groups (per frame)
+    # "group": GroupNorm over (C, H, W) of each frame (the paper's SD-style VAE);
+    # "pixel": RMS norm over the channels of each pixel (as in Wan's VAE): no
+    # statistic spans pixels, so a crop is normalised exactly as inside its frame.
+    norm: Literal["group", "pixel"] = "group"
+    norm_groups: int = 32  # GroupNorm groups (per frame); unused by "pixel"
     attention: bool = True  # spatial + temporal self-attention in the mid blocks
     attention_head_dim: int = 64  # channels per attention head
     encoder_chunk_frames: int = 32  # encoder sees independent chunks of this many frames
@@ -71,8 +76,10 @@ class TAEConfig:
             raise ValueError(
                 f"widths needs 4 levels (3 stride-2 stages give 8x), got {self.widths}"
             )
+        if self.norm not in ("group", "pixel"):
+            raise ValueError(f"norm must be 'group' or 'pixel', got {self.norm!r}")
         for width in self.widths:
-            if width % self.norm_groups:
+            if self.norm == "group" and width % self.norm_groups:
                 raise ValueError(
                     f"width {width} is not divisible by norm_groups {self.norm_groups}"
                 )
@@ -116,6 +123,28 @@ class FrameGroupNorm(nn.GroupNorm):
         flat = x.transpose(1, 2).flatten(0, 1)
         out = F.group_norm(flat, self.num_groups, self.weight, self.bias, self.eps)
         return out.unflatten(0, (batch, frames)).transpose(1, 2)
+
+
+class PixelRMSNorm(nn.Module):
+    """RMS norm over the channels of each pixel, with a learned scale and shift."""
+
+    def __init__(self, channels: int, eps: float = GROUPNORM_EPS):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W)
+        # Channels last: for channels_last_3d tensors both permutes are views.
+        out = F.rms_norm(x.permute(0, 2, 3, 4, 1), (x.shape[1],), self.weight, self.eps)
+        return (out + self.bias).permute(0, 4, 1, 2, 3)
+
+
+def make_norm(config: TAEConfig, channels: int) -> nn.Module:
+    """The normalisation layer ``config.norm`` names; neither mixes frames."""
+    if config.norm == "pixel":
+        return PixelRMSNorm(channels)
+    return FrameGroupNorm(config.norm_groups, channels, eps=GROUPNORM_EPS)
 
 
 class TemporalConv(nn.Module):
@@ -200,11 +229,11 @@ class Conv25d(nn.Module):
 
 
 class ResBlock(nn.Module):
-    def __init__(self, channels_in: int, channels_out: int, groups: int):
+    def __init__(self, channels_in: int, channels_out: int, config: TAEConfig):
         super().__init__()
-        self.norm1 = FrameGroupNorm(groups, channels_in, eps=GROUPNORM_EPS)
+        self.norm1 = make_norm(config, channels_in)
         self.conv1 = Conv25d(channels_in, channels_out)
-        self.norm2 = FrameGroupNorm(groups, channels_out, eps=GROUPNORM_EPS)
+        self.norm2 = make_norm(config, channels_out)
         self.conv2 = Conv25d(channels_out, channels_out)
         self.skip = (
             nn.Conv3d(channels_in, channels_out, 1)
@@ -222,13 +251,13 @@ class Attention25d(nn.Module):
     """Spatial self-attention within each frame, then temporal self-attention
     across frames at each position, each residual with its own norm."""
 
-    def __init__(self, channels: int, groups: int, head_dim: int):
+    def __init__(self, channels: int, config: TAEConfig):
         super().__init__()
-        self.num_heads = max(1, channels // head_dim)
-        self.spatial_norm = FrameGroupNorm(groups, channels, eps=GROUPNORM_EPS)
+        self.num_heads = max(1, channels // config.attention_head_dim)
+        self.spatial_norm = make_norm(config, channels)
         self.spatial_qkv = nn.Linear(channels, 3 * channels)
         self.spatial_out = nn.Linear(channels, channels)
-        self.temporal_norm = FrameGroupNorm(groups, channels, eps=GROUPNORM_EPS)
+        self.temporal_norm = make_norm(config, channels)
         self.temporal_qkv = nn.Linear(channels, 3 * channels)
         self.temporal_out = nn.Linear(channels, channels)
         # Zero-initialised outputs: each attention starts as the identity.
@@ -259,13 +288,9 @@ class Attention25d(nn.Module):
 class MidBlock(nn.Module):
     def __init__(self, channels: int, config: TAEConfig):
         super().__init__()
-        self.res1 = ResBlock(channels, channels, config.norm_groups)
-        self.attention = (
-            Attention25d(channels, config.norm_groups, config.attention_head_dim)
-            if config.attention
-            else nn.Identity()
-        )
-        self.res2 = ResBlock(channels, channels, config.norm_groups)
+        self.res1 = ResBlock(channels, channels, config)
+        self.attention = Attention25d(channels, config) if config.attention else nn.Identity()
+        self.res2 = ResBlock(channels, channels, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.res2(self.attention(self.res1(x)))
@@ -286,7 +311,7 @@ class Encoder(nn.Module):
         for level, width in enumerate(widths):
             blocks = nn.ModuleList()
             for _ in range(config.num_res_blocks):
-                blocks.append(ResBlock(channels, width, config.norm_groups))
+                blocks.append(ResBlock(channels, width, config))
                 channels = width
             stage = nn.Module()
             stage.blocks = blocks
@@ -297,7 +322,7 @@ class Encoder(nn.Module):
                 stage.temporal_down = TemporalConv(width, width, stride=2)
             self.levels.append(stage)
         self.mid = MidBlock(channels, config)
-        self.norm_out = FrameGroupNorm(config.norm_groups, channels, eps=GROUPNORM_EPS)
+        self.norm_out = make_norm(config, channels)
         self.conv_out = Conv25d(channels, 2 * config.latent_channels)
         self.latent_channels = config.latent_channels
         self.shortcuts = config.residual_shortcuts
@@ -337,7 +362,7 @@ class Decoder(nn.Module):
         for level in reversed(range(len(widths))):
             blocks = nn.ModuleList()
             for _ in range(config.num_res_blocks + 1):
-                blocks.append(ResBlock(channels, widths[level], config.norm_groups))
+                blocks.append(ResBlock(channels, widths[level], config))
                 channels = widths[level]
             stage = nn.Module()
             stage.blocks = blocks
@@ -345,7 +370,7 @@ class Decoder(nn.Module):
                 stage.spatial_up = nn.Conv3d(channels, channels, (1, 3, 3), padding=(0, 1, 1))
                 stage.temporal_up = TemporalUpsample(channels)
             self.levels.append(stage)
-        self.norm_out = FrameGroupNorm(config.norm_groups, channels, eps=GROUPNORM_EPS)
+        self.norm_out = make_norm(config, channels)
         self.conv_out = Conv25d(channels, config.in_channels)
         self.shortcuts = config.residual_shortcuts
         self.latent_repeats = widths[-1] // config.latent_channels
