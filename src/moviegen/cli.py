@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -82,20 +83,39 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--fresh", action="store_true", help="delete the run folder first")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="stop after this step as an interruption would (checkpoint first), e.g. to "
+        "test resuming; the schedule still runs to --steps",
+    )
 
 
 def _run_overrides(args: argparse.Namespace) -> list[str]:
-    """``--set`` overrides plus --steps / --time-budget; deletes the run with --fresh."""
+    """``--set`` overrides plus --steps / --time-budget."""
     overrides = list(args.set)
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
     if args.time_budget is not None:
         overrides.append(f"time_budget_s={args.time_budget}")
-    if args.fresh and args.out.exists():
-        import shutil
-
-        shutil.rmtree(args.out)
     return overrides
+
+
+def _train_run(args: argparse.Namespace, make_trainer) -> tuple[dict[str, float], bool]:
+    """Run a trainer as this process of a torchrun job (or alone): deletes the run
+    with --fresh (rank 0), trains; returns the logs and whether this is rank 0."""
+    from moviegen.train.distributed_run import barrier, distributed_run
+
+    with distributed_run() as env:
+        if args.fresh and env.is_main and args.out.exists():
+            import shutil
+
+            shutil.rmtree(args.out)
+        barrier()
+        trainer = make_trainer(progress=not args.quiet and env.is_main)
+        return trainer.train(stop_at=args.stop_at), env.is_main
 
 
 def _tae_train(args: argparse.Namespace) -> int:
@@ -104,7 +124,9 @@ def _tae_train(args: argparse.Namespace) -> int:
     config = resolve_config(
         args.recipe, overrides=_run_overrides(args), train=str(args.data), val=args.val
     )
-    logs = TAETrainer(config, args.out, progress=not args.quiet).train()
+    logs, main = _train_run(args, partial(TAETrainer, config, args.out))
+    if not main:
+        return 0
     if logs:
         print(f"val PSNR {logs['val/psnr']:.2f} dB, SSIM {logs['val/ssim']:.4f}")
     print(f"run: {args.out}")
@@ -208,7 +230,9 @@ def _train(args: argparse.Namespace) -> int:
     config = resolve_t2v_config(
         args.recipe, latents=str(args.latents), overrides=_run_overrides(args)
     )
-    logs = T2VTrainer(config, args.out, progress=not args.quiet).train()
+    logs, main = _train_run(args, partial(T2VTrainer, config, args.out))
+    if not main:
+        return 0
     if logs:
         print(f"flow loss {logs['loss/flow']:.4f}")
     print(f"run: {args.out}")

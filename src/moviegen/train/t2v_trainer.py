@@ -10,6 +10,17 @@ learning rate, gradient clipping and accumulation, EMA weights, bucketed batches
 utilisation, periodic sample videos, CSV/TensorBoard scalars with a loss-curve
 PNG, and atomic checkpoints that resume exactly (model, EMA, optimizer,
 scheduler, sampler position, RNG states).
+
+The same code runs as one process or as every process of a ``torchrun`` job
+(``torchrun --nproc_per_node N -m moviegen train ...``; see docs/DISTRIBUTED.md):
+the transformer is parallelised by ``parallel`` (FSDP2, optionally HSDP,
+context parallel, activation checkpointing, compile); ``batch_size`` stays the
+*global* micro-batch, split over the data-parallel ranks; the randomness of a
+step is keyed by the sample's position in the global batch
+(:func:`~moviegen.train.resumable.keyed_generator`), so N ranks train like one
+process with the same global batch; rank 0 alone prints, logs, plots and
+writes samples; checkpoints are sharded DCP checkpoints plus a consolidated
+copy that sampling reads (:mod:`moviegen.train.resumable`).
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -36,6 +48,7 @@ from moviegen.data.precompute import (
 )
 from moviegen.data.transforms import strip_fps_prefix, to_uint8_frames
 from moviegen.data.video_io import write_video
+from moviegen.distributed.mesh import ParallelConfig
 from moviegen.eval.visualize import clip_grid
 from moviegen.flow import FlowPath, build_timestep_sampler
 from moviegen.flow.path import SIGMA_MIN
@@ -43,9 +56,21 @@ from moviegen.pipeline.sample import T2V_KIND, generate_latents
 from moviegen.tae.checkpoint import load_tae
 from moviegen.text import CAPTION_DROPOUT, TextFeatures, caption_keep_mask, drop_features
 from moviegen.train.checkpoint import CheckpointManager
+from moviegen.train.distributed_run import (
+    all_gather_sizes,
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    run_env,
+)
 from moviegen.train.ema import EMA
 from moviegen.train.logging import ScalarLogger, plot_curves
-from moviegen.train.resumable import ResumableTraining, pick_device
+from moviegen.train.resumable import (
+    ResumableTraining,
+    StateDictNames,
+    keyed_generator,
+    pick_device,
+)
 from moviegen.train.schedule import build_scheduler
 from moviegen.train.throughput import measure_matmul_flops, model_flops_utilisation
 from moviegen.transformer import (
@@ -63,6 +88,20 @@ __all__ = ["T2VTrainConfig", "T2VTrainer", "resolve_t2v_config", "t2v_train_reci
 SAMPLE_GRID_COLUMNS = 4
 SAMPLE_TILE_PIXELS = 128
 SAMPLE_FPS = 8
+# Streams of keyed_generator((seed, stream, micro_batch[, sample])): one per
+# kind of randomness, so that changing one never shifts another.
+_TIMESTEP_STREAM = 1
+_CAPTION_STREAM = 2
+_NOISE_STREAM = 3
+
+
+@dataclass(frozen=True)
+class _Draw:
+    """Where this rank's samples sit in the global micro-batch being trained."""
+
+    micro_batch: int  # micro-batches trained before this one (step * grad_accum + k)
+    offset: int  # position of this rank's first sample in the global micro-batch
+    global_size: int  # samples in the global micro-batch (all data-parallel ranks)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +113,7 @@ class T2VTrainConfig:
     latents: str = ""  # precompute folder (`moviegen precompute`); required
     steps: int = 5000  # optimizer steps
     time_budget_s: float | None = None  # stop (and checkpoint) after this much training time
-    batch_size: int = 32  # samples per micro-batch (every bucket)
+    batch_size: int = 32  # global samples per micro-batch (every bucket), split over data ranks
     lr: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
@@ -95,6 +134,14 @@ class T2VTrainConfig:
     sample_cfg: float = 7.5
     checkpoint_every: int = 500
     keep_last: int = 2
+    # Distributed runs: write DCP checkpoints in a background thread.
+    async_checkpoint: bool = False
+    # Distributed runs: also write the consolidated single-process copy of the weights
+    # (what sampling loads) at every checkpoint, not only at the end; rank 0 then
+    # reads the full weights into CPU memory at each save.
+    export_every_checkpoint: bool = True
+    # How the transformer is parallelised under torchrun (ignored in one process).
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     peak_flops: float | None = None  # for MFU; None: measure the fp32 matmul FLOP/s here
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", ...
@@ -148,15 +195,24 @@ def _to_device(features: TextFeatures, device: torch.device) -> TextFeatures:
 
 
 class T2VTrainer(ResumableTraining):
-    """Builds everything from a config and runs (or resumes) training in ``run_dir``."""
+    """Builds everything from a config and runs (or resumes) training in ``run_dir``.
+
+    Under ``torchrun`` with several processes every rank constructs the trainer
+    (inside :func:`~moviegen.train.distributed_run.distributed_run`) and calls
+    :meth:`train`; the model is then sharded over the ranks.
+    """
 
     def __init__(self, config: T2VTrainConfig, run_dir: str | Path, *, progress: bool = True):
         if not config.latents:
             raise ValueError("latents (a `moviegen precompute` folder) is required")
         self.config = config
         self.run_dir = Path(run_dir)
-        self.progress = progress
+        self.env = run_env()
+        self.progress = progress and self.env.is_main
         self.device = pick_device(config.device)
+        if self.env.is_distributed and self.device.type == "cuda":
+            # One GPU per rank (distributed_run made it the current device).
+            self.device = torch.device("cuda", torch.cuda.current_device())
         torch.set_flush_denormal(True)
         torch.manual_seed(config.seed)
 
@@ -170,9 +226,37 @@ class T2VTrainer(ResumableTraining):
                 f"the latents have {latent_channels} channels, the model expects "
                 f"{config.model.latent_channels}"
             )
-        self.model = TextToVideoModel(config.model, meta["text_dims"])
-        self.model.init_weights()
-        self.model.to(self.device)
+        factory = partial(TextToVideoModel, config.model, meta["text_dims"])
+        if self.env.is_distributed:
+            from moviegen.distributed import (
+                build_mesh,
+                build_parallel_model,
+                data_parallel_rank,
+                data_parallel_size,
+            )
+
+            self.mesh = build_mesh(config.parallel, self.env.world_size, self.device.type)
+            # Built on the meta device, sharded, then initialised exactly as the
+            # single-process branch below initialises the whole model.
+            self.model = build_parallel_model(
+                factory, self.mesh, config.parallel, self.device, seed=config.seed
+            )
+            self.dp_rank = data_parallel_rank(self.mesh)
+            self.dp_size = data_parallel_size(self.mesh)
+        else:
+            self.mesh = None
+            self.model = factory()
+            torch.manual_seed(config.seed)
+            self.model.init_weights()
+            self.model.to(self.device)
+            self.dp_rank, self.dp_size = 0, 1
+        # Ranks per data-parallel rank (the context-parallel group reads the same samples).
+        self.cp_size = self.env.world_size // self.dp_size
+        if config.batch_size % self.dp_size:
+            raise ValueError(
+                f"batch_size {config.batch_size} (the global micro-batch) is not divisible by "
+                f"the {self.dp_size} data-parallel ranks"
+            )
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=config.lr,
@@ -186,29 +270,38 @@ class T2VTrainer(ResumableTraining):
             total_steps=config.steps,
             min_lr_ratio=config.min_lr_ratio,
         )
+        # The EMA sees the weights under their state-dict names, so that its
+        # copy loads into a plain model even when blocks are AC-wrapped.
+        self.ema_view = StateDictNames(self.model)
         self.ema = (
-            EMA(self.model, decay=config.ema_decay, warmup=True) if config.ema_decay else None
+            EMA(self.ema_view, decay=config.ema_decay, warmup=True) if config.ema_decay else None
         )
         self.path = FlowPath(config.sigma_min)
         self.t_sampler = build_timestep_sampler(config.timestep_sampler)
-        # One generator for t, noise and caption dropout, saved with checkpoints.
-        self.generator = torch.Generator().manual_seed(config.seed)
         self.null_text = load_null_features(config.latents)
 
         spec = BucketSpec(
             sizes=tuple(sorted({(h, w) for _, h, w in shapes})),
             frame_counts=tuple(sorted({t for t, _, _ in shapes})),
-            default_batch_size=config.batch_size,
+            default_batch_size=config.batch_size // self.dp_size,
         )
-        self.sampler = BucketBatchSampler(self.dataset.bucket_keys(), spec, seed=config.seed)
+        self.sampler = BucketBatchSampler(
+            self.dataset.bucket_keys(),
+            spec,
+            seed=config.seed,
+            rank=self.dp_rank,
+            world_size=self.dp_size,
+        )
         self.loader = DataLoader(
             self.dataset, batch_sampler=self.sampler, collate_fn=collate_latents
         )
         self.checkpoints = CheckpointManager(self.run_dir, keep_last=config.keep_last)
+        self.dcp = self._make_dcp_checkpointer() if self.env.is_distributed else None
         self.step = 0
         self.epoch = 0
         self.consumed = 0
         self.train_seconds = 0.0
+        self._draw = _Draw(micro_batch=0, offset=0, global_size=config.batch_size)
         self._tae = None  # loaded on the first sample
         self._cached_flops_per_token: float | None = None
 
@@ -227,85 +320,152 @@ class T2VTrainer(ResumableTraining):
             self.epoch += 1
             self.consumed = 0
 
+    def _locate(self, micro_batch: int, batch_size: int) -> _Draw:
+        """This rank's place in the global micro-batch (one small all-gather when distributed)."""
+        sizes = all_gather_sizes(batch_size, self.device)[:: self.cp_size]
+        return _Draw(
+            micro_batch=micro_batch,
+            offset=sum(sizes[: self.dp_rank]),
+            global_size=sum(sizes),
+        )
+
+    def _generator(self, stream: int, *sample: int) -> torch.Generator:
+        return keyed_generator(self.config.seed, stream, self._draw.micro_batch, *sample)
+
+    def _local(self, values: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """This rank's slice of per-sample values drawn for the whole global micro-batch."""
+        return values[self._draw.offset : self._draw.offset + batch_size]
+
     def _drop_captions(self, text: TextFeatures) -> TextFeatures:
         """Replace a ``caption_dropout`` share of rows by the empty prompt."""
         batch_size = next(iter(text.values()))[0].shape[0]
-        keep = caption_keep_mask(batch_size, self.config.caption_dropout, self.generator)
+        keep = caption_keep_mask(
+            self._draw.global_size, self.config.caption_dropout, self._generator(_CAPTION_STREAM)
+        )
         null = {name: (h[None], m[None]) for name, (h, m) in self.null_text.items()}
-        return drop_features(text, keep, null)
+        return drop_features(text, self._local(keep, batch_size), null)
+
+    def _timesteps(self, batch_size: int) -> torch.Tensor:
+        """t ``(B,)``: drawn for the global micro-batch (cheap), this rank's slice kept."""
+        t = self.t_sampler(self._draw.global_size, generator=self._generator(_TIMESTEP_STREAM))
+        return self._local(t, batch_size)
+
+    def _noise(self, shape: torch.Size) -> torch.Tensor:
+        """The flow's source sample X_0 ~ N(0, I) ``(B, C, T, H, W)``, drawn on the CPU
+        per sample from a stream keyed by its position in the global micro-batch."""
+        return torch.stack(
+            [
+                torch.randn(shape[1:], generator=self._generator(_NOISE_STREAM, position))
+                for position in range(self._draw.offset, self._draw.offset + shape[0])
+            ]
+        )
 
     # ------------------------------------------------------------------ state
 
-    def save(self) -> Path:
+    def _metadata(self) -> dict:
+        return {
+            "kind": T2V_KIND,
+            "config": config_to_dict(self.config),
+            "precompute": self.precompute_meta,
+        }
+
+    def save(self, *, final: bool = False) -> Path:
+        """Checkpoint this step (every rank calls it when distributed)."""
+        if self.dcp is not None:
+            return self._save_distributed(self._metadata(), final=final)
         return self.checkpoints.save(
             self.step,
             model_state=self.model.state_dict(),
             ema_state=self.ema.shadow_state_dict() if self.ema is not None else None,
             train_state=self._train_state(),
-            metadata={
-                "kind": T2V_KIND,
-                "config": config_to_dict(self.config),
-                "precompute": self.precompute_meta,
-            },
+            metadata=self._metadata(),
         )
+
+    def _check_saved_config(self, saved: dict, path: Path) -> None:
+        if saved.get("model") != config_to_dict(self.config)["model"]:
+            raise ValueError(
+                f"{path} was trained with another transformer config; "
+                "use a new --out folder or the same recipe"
+            )
 
     def resume(self) -> bool:
         """Load the latest complete checkpoint of ``run_dir`` if there is one."""
+        if self.dcp is not None:
+            return self._resume_distributed(self._check_saved_config)
         latest = self.checkpoints.latest()
         if latest is None:
             return False
         checkpoint = CheckpointManager.load(latest, map_location=self.device)
-        saved = checkpoint.metadata.get("config", {})
-        if saved.get("model") != config_to_dict(self.config)["model"]:
-            raise ValueError(
-                f"{latest} was trained with another transformer config; "
-                "use a new --out folder or the same recipe"
-            )
+        self._check_saved_config(checkpoint.metadata.get("config", {}), latest)
         self._restore_state(checkpoint)
         return True
 
     # ------------------------------------------------------------------ steps
 
     def _train_step(self, batches) -> tuple[dict[str, float], np.ndarray, np.ndarray, int]:
-        """One optimizer step; returns logs, per-sample t and losses, and the
-        number of video tokens processed."""
+        """One optimizer step; returns logs (global means), this rank's per-sample t
+        and losses, and the number of video tokens processed by all data ranks."""
         config = self.config
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total, ts, losses, tokens = 0.0, [], [], 0
-        for _ in range(config.grad_accum):
+        ts, losses = [], []
+        # Per micro-batch: summed loss and sample count; then tokens (summed over ranks).
+        totals = torch.zeros(2 * config.grad_accum + 1, dtype=torch.float64)
+        for micro in range(config.grad_accum):
             batch = next(batches)
             x1 = batch["latent"].to(self.device)  # (B, C, T, H, W)
+            batch_size = x1.shape[0]
+            self._draw = self._locate(self.step * config.grad_accum + micro, batch_size)
             text = _to_device(self._drop_captions(batch["text"]), self.device)
-            t = self.t_sampler(x1.shape[0], generator=self.generator).to(self.device)
+            t = self._timesteps(batch_size).to(self.device)
             x0 = self._noise(x1.shape).to(self.device)
             xt = self.path.interpolate(x0, x1, t)
             target = self.path.velocity_target(x0, x1)
             prediction = self.model(xt, t, text)
             per_sample = (prediction.float() - target).pow(2).flatten(1).mean(1)  # (B,)
-            loss = per_sample.mean()
+            # The global micro-batch's mean: gradients are averaged over the
+            # data-parallel ranks, so scale this rank's sum by ranks / samples.
+            loss = per_sample.sum() * (self.dp_size / self._draw.global_size)
             (loss / config.grad_accum).backward()
-            total += float(loss.detach()) / config.grad_accum
+            totals[micro] = float(per_sample.detach().double().sum())
+            totals[config.grad_accum + micro] = batch_size
+            totals[-1] += batch_size * num_video_tokens(self.config.model, tuple(x1.shape[2:]))
             ts.append(t.detach().cpu().numpy())
             losses.append(per_sample.detach().cpu().numpy())
-            tokens += x1.shape[0] * num_video_tokens(self.config.model, tuple(x1.shape[2:]))
-        logs = {"loss/flow": total}
+        # Context-parallel ranks hold the same samples: count them once.
+        totals = all_reduce_sum(totals) / self.cp_size
+        sums, counts = totals[: config.grad_accum], totals[config.grad_accum : -1]
+        logs = {"loss/flow": float((sums / counts).mean())}
         if config.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-            logs["train/grad_norm"] = float(norm)
+            logs["train/grad_norm"] = self._clip_gradients()
         self.optimizer.step()
         self.scheduler.step()
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update(self.ema_view)
         logs["train/lr"] = self.scheduler.get_last_lr()[0]
-        return logs, np.concatenate(ts), np.concatenate(losses), tokens
+        return logs, np.concatenate(ts), np.concatenate(losses), int(totals[-1])
 
-    def _noise(self, shape: torch.Size) -> torch.Tensor:
-        """The flow's source sample X_0 ~ N(0, I), drawn on the CPU generator."""
-        return torch.randn(shape, generator=self.generator)
+    def _clip_gradients(self) -> float:
+        """Clip the global gradient norm to ``grad_clip``; returns the norm before clipping."""
+        grads = [param.grad for param in self.model.parameters() if param.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if self.mesh is not None:
+            from torch.distributed.tensor import DTensor
+
+            if isinstance(norm, DTensor):  # sharded gradients: a sum over the shards
+                norm = norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.config.grad_clip, norm)
+        return float(norm)
 
     def _t_bucket_logs(self, ts: list[np.ndarray], losses: list[np.ndarray]) -> dict[str, float]:
         t, loss = np.concatenate(ts), np.concatenate(losses)
+        if self.env.is_distributed:
+            import torch.distributed as dist
+
+            gathered: list = [None] * self.env.world_size
+            dist.all_gather_object(gathered, (t, loss))
+            t = np.concatenate([part[0] for part in gathered[:: self.cp_size]])
+            loss = np.concatenate([part[1] for part in gathered[:: self.cp_size]])
         count = self.config.num_t_buckets
         bucket = np.minimum((t * count).astype(int), count - 1)
         logs = {}
@@ -333,17 +493,23 @@ class T2VTrainer(ResumableTraining):
     @torch.no_grad()
     def write_samples(self) -> Path | None:
         """Sample videos for a few training captions (EMA weights) into
-        ``samples/step_XXXXXXXX.mp4``, captions in a ``.txt`` beside it."""
+        ``samples/step_XXXXXXXX.mp4``, captions in a ``.txt`` beside it.
+
+        Distributed: every rank runs the (sharded) transformer on the same
+        prompts; rank 0 alone decodes and writes (other ranks return None).
+        """
         if self.config.num_sample_prompts < 1:
             return None
-        if self._tae is None:
+        if self._tae is None and self.env.is_main:
             self._tae = load_tae(self.precompute_meta["tae_checkpoint"], map_location=self.device)
         captions, text, shape = self._sample_prompts()
         negative = repeat_text_features(
             {name: (h[None], m[None]) for name, (h, m) in self.null_text.items()}, len(captions)
         )
         context = (
-            self.ema.swapped_into(self.model) if self.ema is not None else contextlib.nullcontext()
+            self.ema.swapped_into(self.ema_view)
+            if self.ema is not None
+            else contextlib.nullcontext()
         )
         with context:
             latents = generate_latents(
@@ -355,6 +521,8 @@ class T2VTrainer(ResumableTraining):
                 steps=self.config.sample_steps,
                 cfg_scale=self.config.sample_cfg,
             )
+        if not self.env.is_main:
+            return None
         geometry = self.precompute_meta["config"]
         video = self._tae.decode(latents, num_frames=geometry["num_frames"])
         grid = clip_grid(
@@ -373,14 +541,20 @@ class T2VTrainer(ResumableTraining):
 
     def train(self, *, stop_at: int | None = None) -> dict[str, float]:
         """Run until ``steps`` (or the time budget, or ``stop_at``, which stops
-        early as an interruption would, after a checkpoint); returns the last logs."""
+        early as an interruption would, after a checkpoint); returns the last logs.
+        Distributed: every rank calls it; the logs are the same on every rank."""
         config = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        main = self.env.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
         resumed = self.resume()
-        save_config(config, self.run_dir / "config.json")
-        peak = config.peak_flops or measure_matmul_flops(device=self.device)
+        if main:
+            save_config(config, self.run_dir / "config.json")
+        # Only rank 0 logs MFU; the others need no peak.
+        peak = config.peak_flops or (measure_matmul_flops(device=self.device) if main else 1.0)
         batches = self._batches()
-        logger = ScalarLogger(self.run_dir)
+        logger = ScalarLogger(self.run_dir) if main else None
         bar = tqdm(
             total=config.steps,
             initial=self.step,
@@ -388,9 +562,9 @@ class T2VTrainer(ResumableTraining):
             unit="step",
             disable=not self.progress,
         )
-        if resumed:
+        if resumed and main:
             tqdm.write(f"resumed from step {self.step} in {self.run_dir}")
-        if self.dataset.skips.total:
+        if self.dataset.skips.total and main:
             tqdm.write(f"precompute skipped clips: {self.dataset.skips.summary()}")
         logs: dict[str, float] = {}
         window_ts: list[np.ndarray] = []
@@ -413,35 +587,47 @@ class T2VTrainer(ResumableTraining):
                 if self.step % config.log_every == 0:
                     logs.update(self._t_bucket_logs(window_ts, window_losses))
                     logs["perf/tokens_per_s"] = window_tokens / window_seconds
-                    logs["perf/mfu"] = model_flops_utilisation(window_flops, window_seconds, peak)
+                    # Per device: the job's FLOPs over all of its devices.
+                    logs["perf/mfu"] = model_flops_utilisation(
+                        window_flops / self.env.world_size, window_seconds, peak
+                    )
                     logs["train/seconds"] = self.train_seconds
-                    logger.log(self.step, logs)
+                    if logger is not None:
+                        logger.log(self.step, logs)
                     bar.set_postfix(loss=f"{logs['loss/flow']:.4f}", mfu=f"{logs['perf/mfu']:.1%}")
                     window_ts, window_losses = [], []
                     window_tokens, window_flops, window_seconds = 0, 0.0, 0.0
                 out_of_time = (
                     config.time_budget_s is not None and self.train_seconds >= config.time_budget_s
                 )
+                if config.time_budget_s is not None:
+                    # Each rank's clock differs a little: stop together.
+                    out_of_time = any_rank(out_of_time, self.device)
                 interrupted = stop_at is not None and self.step >= stop_at
                 finished = self.step == config.steps or out_of_time or interrupted
                 if config.sample_every and (self.step % config.sample_every == 0 or finished):
                     self.write_samples()
-                if self.step >= config.log_every and (
-                    self.step % config.log_every == 0 or finished
-                ):
-                    plot_curves(logger.csv_path, self.run_dir / "loss_curves.png")
                 if self.step % config.checkpoint_every == 0 or finished:
-                    self.save()
+                    self.save(final=finished)
+                    # With each checkpoint rather than each log line: a plot
+                    # costs far more than a small model's step.
+                    if main and self.step >= config.log_every:
+                        plot_curves(logger.csv_path, self.run_dir / "loss_curves.png")
                 if interrupted:
                     break
                 if out_of_time:
-                    tqdm.write(
-                        f"time budget of {config.time_budget_s:.0f} s reached at step {self.step}"
-                    )
+                    if main:
+                        tqdm.write(
+                            f"time budget of {config.time_budget_s:.0f} s reached at step "
+                            f"{self.step}"
+                        )
                     break
+            if self.dcp is not None:
+                self._finish_distributed(self._metadata())
         finally:
             bar.close()
-            logger.close()
+            if logger is not None:
+                logger.close()
         return logs
 
     def _flops_per_token(self) -> float:

@@ -12,6 +12,16 @@ Training clips are cut into random ``crop_frames x crop_size x crop_size``
 windows: the TAE is convolutional (and its encoder works on independent 32-frame
 chunks anyway), and small windows make many more steps fit into a CPU budget.
 Validation always runs on whole clips.
+
+Under ``torchrun --nproc_per_node N -m moviegen tae train ...`` every rank
+holds the whole (small) TAE and trains on its share of every global batch
+(``batch_size`` and ``image_batch_size`` are global); gradients are averaged
+over the ranks after backward (what DDP does), so the ranks stay identical.
+Crops are keyed by the clip's position in the global batch; the posterior noise,
+drawn inside the model for a rank's whole batch, is keyed by the rank, so with
+``sample_posterior`` the noise (only) depends on the number of ranks. Rank 0
+prints, logs, validates and writes the previews; checkpoints are DCP plus a
+consolidated copy that ``load_tae`` reads (:mod:`moviegen.train.resumable`).
 """
 
 from __future__ import annotations
@@ -36,9 +46,17 @@ from moviegen.tae.checkpoint import TAE_KIND
 from moviegen.tae.losses import TAELoss, TAELossConfig
 from moviegen.tae.model import TAE, TAEConfig, tae_recipe
 from moviegen.train.checkpoint import CheckpointManager
+from moviegen.train.distributed_run import (
+    all_gather_sizes,
+    all_reduce_sum,
+    any_rank,
+    average_gradients,
+    barrier,
+    run_env,
+)
 from moviegen.train.ema import EMA
 from moviegen.train.logging import ScalarLogger, plot_curves
-from moviegen.train.resumable import ResumableTraining, pick_device
+from moviegen.train.resumable import ResumableTraining, keyed_generator, pick_device
 from moviegen.train.schedule import build_scheduler
 
 __all__ = ["TAEDataConfig", "TAETrainConfig", "TAETrainer", "tae_train_recipe"]
@@ -47,6 +65,9 @@ __all__ = ["TAEDataConfig", "TAETrainConfig", "TAETrainer", "tae_train_recipe"]
 # the data config keeps each file's own rate.
 NUM_PREVIEW_CLIPS = 4
 PREVIEW_FPS = 8
+# Streams of keyed_generator((seed, stream, micro_batch, sample or rank)).
+_CROP_STREAM = 1
+_POSTERIOR_STREAM = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,8 +81,8 @@ class TAEDataConfig:
     fps: float | None = None  # sampling rate; None keeps each file's rate
     crop_size: int | None = 32  # random spatial crop for training; None: whole frames
     crop_frames: int | None = 8  # random temporal window for training; None: whole clips
-    batch_size: int = 8  # video clips per batch
-    image_batch_size: int = 32  # frames per image batch (images are cheap)
+    batch_size: int = 8  # video clips per (global) batch, split over the ranks
+    image_batch_size: int = 32  # frames per (global) image batch (images are cheap)
     image_fraction: float = 0.25  # share of image batches: 1 per 3 video batches
     num_workers: int = 0  # DataLoader workers (0 is fastest on 2 cores)
     val_clips: int = 32  # validation clips (the first ones of the val manifest)
@@ -92,6 +113,11 @@ class TAETrainConfig:
     val_every: int = 250
     checkpoint_every: int = 250
     keep_last: int = 2
+    # Distributed runs: write DCP checkpoints in a background thread.
+    async_checkpoint: bool = False
+    # Distributed runs: also write the consolidated single-process copy of the weights
+    # (what load_tae reads) at every checkpoint, not only at the end.
+    export_every_checkpoint: bool = True
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", ...
 
@@ -155,8 +181,12 @@ class TAETrainer(ResumableTraining):
             raise ValueError("data.train (the training manifest) is required")
         self.config = config
         self.run_dir = Path(run_dir)
-        self.progress = progress
+        self.env = run_env()
+        self.progress = progress and self.env.is_main
         self.device = pick_device(config.device)
+        if self.env.is_distributed and self.device.type == "cuda":
+            # One GPU per rank (distributed_run made it the current device).
+            self.device = torch.device("cuda", torch.cuda.current_device())
         # Zero-initialised layers make tiny (denormal) floats during training,
         # and CPUs handle those up to 100x slower; flushing them to zero is harmless.
         torch.set_flush_denormal(True)
@@ -184,10 +214,15 @@ class TAETrainer(ResumableTraining):
         self.ema = (
             EMA(self.model, decay=config.ema_decay, warmup=True) if config.ema_decay else None
         )
-        # One generator for crops and posterior noise, saved with checkpoints.
-        self.generator = torch.Generator().manual_seed(config.seed)
 
         data = config.data
+        world_size = self.env.world_size
+        for name in ("batch_size", "image_batch_size"):
+            if getattr(data, name) % world_size:
+                raise ValueError(
+                    f"data.{name} {getattr(data, name)} (per global batch) is not divisible "
+                    f"by the {world_size} ranks"
+                )
         self.dataset = VideoTextDataset(
             data.train,
             num_frames=data.num_frames,
@@ -198,19 +233,23 @@ class TAETrainer(ResumableTraining):
         spec = BucketSpec(
             sizes=((data.size, data.size),),
             frame_counts=(data.num_frames,),
-            default_batch_size=data.batch_size,
-            image_batch_size=data.image_batch_size,
+            default_batch_size=data.batch_size // world_size,
+            image_batch_size=data.image_batch_size // world_size,
         )
         self.loader, self.sampler = build_loader(
             self.dataset,
             spec,
             seed=config.seed,
+            rank=self.env.rank,
+            world_size=world_size,
             num_workers=data.num_workers,
             image_fraction=data.image_fraction or None,
             video_frames_as_images=bool(data.image_fraction),
         )
-        self.val_videos = self._load_val_clips() if data.val else None
+        # Only rank 0 validates (every rank holds the same weights).
+        self.val_videos = self._load_val_clips() if data.val and self.env.is_main else None
         self.checkpoints = CheckpointManager(self.run_dir, keep_last=config.keep_last)
+        self.dcp = self._make_dcp_checkpointer() if self.env.is_distributed else None
         self.skips = SkipCounter()
         self.step = 0
         self.epoch = 0
@@ -256,17 +295,19 @@ class TAETrainer(ResumableTraining):
             self.epoch += 1
             self.consumed = 0
 
-    def _random_crop(self, video: torch.Tensor) -> torch.Tensor:
-        """Per-sample random ``crop_frames x crop_size x crop_size`` windows."""
+    def _random_crop(self, video: torch.Tensor, micro_batch: int, offset: int) -> torch.Tensor:
+        """Per-sample random ``crop_frames x crop_size x crop_size`` windows, each drawn
+        from a stream keyed by the clip's position in the global batch."""
         data = self.config.data
         _, _, frames, height, width = video.shape
         crop_t = min(data.crop_frames or frames, frames)
         crop_h = min(data.crop_size or height, height)
         crop_w = min(data.crop_size or width, width)
         crops = []
-        for clip in video:
+        for position, clip in enumerate(video, start=offset):
+            generator = keyed_generator(self.config.seed, _CROP_STREAM, micro_batch, position)
             t0, y0, x0 = (
-                int(torch.randint(0, limit + 1, (1,), generator=self.generator))
+                int(torch.randint(0, limit + 1, (1,), generator=generator))
                 for limit in (frames - crop_t, height - crop_h, width - crop_w)
             )
             crops.append(clip[:, t0 : t0 + crop_t, y0 : y0 + crop_h, x0 : x0 + crop_w])
@@ -281,27 +322,46 @@ class TAETrainer(ResumableTraining):
             state["disc_optimizer"] = self.disc_optimizer.state_dict()
         return state
 
-    def save(self) -> Path:
+    def _dcp_state(self) -> dict:
+        state = super()._dcp_state()
+        if self.disc_optimizer is not None:
+            from moviegen.distributed.checkpoint import ModelState, OptimizerState
+
+            state["discriminator"] = ModelState(self.loss.discriminator)
+            state["disc_optimizer"] = OptimizerState(self.loss.discriminator, self.disc_optimizer)
+        return state
+
+    def _metadata(self) -> dict:
+        return {"kind": TAE_KIND, "config": config_to_dict(self.config)}
+
+    def save(self, *, final: bool = False) -> Path:
+        """Checkpoint this step (every rank calls it when distributed)."""
+        if self.dcp is not None:
+            return self._save_distributed(self._metadata(), final=final)
         return self.checkpoints.save(
             self.step,
             model_state=self.model.state_dict(),
             ema_state=self.ema.shadow_state_dict() if self.ema is not None else None,
             train_state=self._train_state(),
-            metadata={"kind": TAE_KIND, "config": config_to_dict(self.config)},
+            metadata=self._metadata(),
         )
+
+    def _check_saved_config(self, saved: dict, path: Path) -> None:
+        if saved.get("model") != config_to_dict(self.config)["model"]:
+            raise ValueError(
+                f"{path} was trained with another TAE architecture; "
+                "use a new --out folder or the same recipe"
+            )
 
     def resume(self) -> bool:
         """Load the latest complete checkpoint of ``run_dir`` if there is one."""
+        if self.dcp is not None:
+            return self._resume_distributed(self._check_saved_config)
         latest = self.checkpoints.latest()
         if latest is None:
             return False
         checkpoint = CheckpointManager.load(latest, map_location=self.device)
-        saved = checkpoint.metadata.get("config", {})
-        if saved.get("model") != config_to_dict(self.config)["model"]:
-            raise ValueError(
-                f"{latest} was trained with another TAE architecture; "
-                "use a new --out folder or the same recipe"
-            )
+        self._check_saved_config(checkpoint.metadata.get("config", {}), latest)
         self._restore_state(checkpoint)
         state = checkpoint.train_state
         if self.disc_optimizer is not None and "discriminator" in state:
@@ -312,15 +372,25 @@ class TAETrainer(ResumableTraining):
     # ------------------------------------------------------------------ steps
 
     def _train_step(self, batches) -> dict[str, float]:
+        """One optimizer step; the logs are means over the global batch (every rank)."""
         config = self.config
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        logs: dict[str, float] = {}
+        weighted: dict[str, float] = {}
         last_layer = self.model.decoder.last_layer_weight
-        for _ in range(config.grad_accum):
-            video = self._random_crop(next(batches)).to(self.device)
+        for micro in range(config.grad_accum):
+            micro_batch = self.step * config.grad_accum + micro
+            video = next(batches)
+            sizes = all_gather_sizes(video.shape[0], self.device)
+            offset, global_size = sum(sizes[: self.env.rank]), sum(sizes)
+            # This rank's share of the global batch: the averaged gradient is then
+            # that of the global batch's mean, also when the ranks' batches differ.
+            share = video.shape[0] / global_size
+            scale = share * self.env.world_size
+            video = self._random_crop(video, micro_batch, offset).to(self.device)
+            posterior = keyed_generator(config.seed, _POSTERIOR_STREAM, micro_batch, self.env.rank)
             reconstruction, mean, logvar = self.model(
-                video, sample=config.sample_posterior, generator=self.generator
+                video, sample=config.sample_posterior, generator=posterior
             )
             loss, micro_logs = self.loss.generator_loss(
                 video,
@@ -331,16 +401,24 @@ class TAETrainer(ResumableTraining):
                 step=self.step,
                 last_layer_weight=last_layer if self.loss.discriminator is not None else None,
             )
-            (loss / config.grad_accum).backward()
-            for key, value in micro_logs.items():
-                logs[key] = logs.get(key, 0.0) + value / config.grad_accum
+            (loss * scale / config.grad_accum).backward()
             disc = self.loss.discriminator_loss(video, reconstruction, step=self.step)
             if disc is not None:
                 disc_loss, disc_logs = disc
                 self.disc_optimizer.zero_grad(set_to_none=True)
-                disc_loss.backward()
+                (disc_loss * scale).backward()
+                average_gradients(self.loss.discriminator.parameters())
                 self.disc_optimizer.step()
-                logs.update(disc_logs)
+                micro_logs = {**micro_logs, **disc_logs}
+            for key, value in micro_logs.items():
+                weighted[key] = weighted.get(key, 0.0) + value * share / config.grad_accum
+        average_gradients(self.model.parameters())
+        # Every rank has the same keys (they depend on the step only).
+        names = sorted(weighted)
+        totals = all_reduce_sum(
+            torch.tensor([weighted[name] for name in names], dtype=torch.float64)
+        )
+        logs = dict(zip(names, totals.tolist(), strict=True))
         if config.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
             logs["train/grad_norm"] = float(norm)
@@ -395,15 +473,20 @@ class TAETrainer(ResumableTraining):
     def train(self, *, stop_at: int | None = None) -> dict[str, float]:
         """Run until ``steps`` (or the time budget, or ``stop_at``, which stops
         early as an interruption would, after a checkpoint); returns the last
-        validation logs."""
+        validation logs (rank 0; other ranks return ``{}``). Distributed: every
+        rank calls it."""
         config = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        main = self.env.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
         resumed = self.resume()
-        save_config(config, self.run_dir / "config.json")
-        if self.loss.perceptual is None:
-            tqdm.write("perceptual loss: off (no perceptual_vgg_path given)")
+        if main:
+            save_config(config, self.run_dir / "config.json")
+            if self.loss.perceptual is None:
+                tqdm.write("perceptual loss: off (no perceptual_vgg_path given)")
         batches = self._batches()
-        logger = ScalarLogger(self.run_dir)
+        logger = ScalarLogger(self.run_dir) if main else None
         bar = tqdm(
             total=config.steps,
             initial=self.step,
@@ -411,7 +494,7 @@ class TAETrainer(ResumableTraining):
             unit="step",
             disable=not self.progress,
         )
-        if resumed:
+        if resumed and main:
             tqdm.write(f"resumed from step {self.step} in {self.run_dir}")
         val_logs: dict[str, float] = {}
         start_seconds = self.train_seconds
@@ -423,14 +506,18 @@ class TAETrainer(ResumableTraining):
                 self.train_seconds = start_seconds + time.perf_counter() - started
                 bar.update(1)
                 if self.step % config.log_every == 0:
-                    logger.log(self.step, {**logs, "train/seconds": self.train_seconds})
+                    if logger is not None:
+                        logger.log(self.step, {**logs, "train/seconds": self.train_seconds})
                     bar.set_postfix(loss=f"{logs['loss/total']:.4f}")
                 out_of_time = (
                     config.time_budget_s is not None and self.train_seconds >= config.time_budget_s
                 )
+                if config.time_budget_s is not None:
+                    # Each rank's clock differs a little: stop together.
+                    out_of_time = any_rank(out_of_time, self.device)
                 interrupted = stop_at is not None and self.step >= stop_at
                 finished = self.step == config.steps or out_of_time or interrupted
-                if self.step % config.val_every == 0 or finished:
+                if main and (self.step % config.val_every == 0 or finished):
                     val_logs = self.validate()
                     if val_logs:
                         logger.log(self.step, val_logs)
@@ -439,18 +526,23 @@ class TAETrainer(ResumableTraining):
                         )
                     plot_curves(logger.csv_path, self.run_dir / "loss_curves.png")
                 if self.step % config.checkpoint_every == 0 or finished:
-                    self.save()
+                    self.save(final=finished)
                 if interrupted:
                     break
                 if out_of_time:
-                    tqdm.write(
-                        f"time budget of {config.time_budget_s:.0f} s reached at step {self.step}"
-                    )
+                    if main:
+                        tqdm.write(
+                            f"time budget of {config.time_budget_s:.0f} s reached at step "
+                            f"{self.step}"
+                        )
                     break
+            if self.dcp is not None:
+                self._finish_distributed(self._metadata())
         finally:
             bar.close()
-            logger.close()
-        if self.skips.total:
+            if logger is not None:
+                logger.close()
+        if self.skips.total and main:
             tqdm.write(self.skips.summary())
         return val_logs
 
