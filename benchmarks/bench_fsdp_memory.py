@@ -28,15 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
-import traceback
 from dataclasses import replace
-from datetime import timedelta
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -48,6 +42,7 @@ from moviegen.distributed.planner import (
     _reset_peak_rss,
     _rss_bytes,
 )
+from moviegen.distributed.spawn import run_spawned
 from moviegen.transformer import TRANSFORMER_RECIPES, transformer_recipe
 from moviegen.transformer.conditioned import TextToVideoModel
 
@@ -64,6 +59,9 @@ SEED = 0
 THREADS_PER_PROCESS = 1
 # Collectives give up after this, so a dead peer fails the run instead of hanging it.
 COLLECTIVE_TIMEOUT_S = 300
+# A run (all processes, start-up included) is killed after this: generous for the
+# larger --recipe choices on CPU, but a hang still ends.
+RUN_TIMEOUT_S = 3600
 # Warm-up model: big enough to start thread pools and kernels, small next to the real one.
 WARMUP_OVERRIDES = {"dim": 8, "num_heads": 1, "ffn_dim": 8, "num_layers": 1}
 
@@ -132,7 +130,7 @@ def train(model: nn.Module, batch: dict[str, torch.Tensor], steps: int) -> torch
     return optimizer
 
 
-def measure(settings: dict, world_size: int, rank: int) -> dict:
+def measure(rank: int, settings: dict, world_size: int) -> dict:
     """One process's bytes after training; FSDP2 when ``world_size > 1``."""
 
     def build(config) -> nn.Module:
@@ -163,39 +161,19 @@ def measure(settings: dict, world_size: int, rank: int) -> dict:
     return {**held, "peak_rss": _peak_rss_bytes() - baseline}
 
 
-def worker(rank: int, world_size: int, store: str, settings: dict, out_dir: str) -> None:
-    torch.set_num_threads(THREADS_PER_PROCESS)
-    if world_size > 1:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{store}",
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-        )
-    try:
-        result = measure(settings, world_size, rank)
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    except BaseException:
-        Path(out_dir, f"error{rank}.txt").write_text(traceback.format_exc())
-        raise
-    finally:
-        if world_size > 1:
-            dist.destroy_process_group()
-
-
 def run(settings: dict, world_size: int) -> list[dict]:
-    """Spawn ``world_size`` fresh processes; their results in rank order."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(
-            worker,
-            args=(world_size, str(Path(out_dir, "store")), settings, out_dir),
-            nprocs=world_size,
-            start_method="spawn",
-        )
-        return [
-            json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(world_size)
-        ]
+    """:func:`measure` in ``world_size`` fresh processes; their results in rank order."""
+    return run_spawned(
+        measure,
+        args=(settings, world_size),
+        world_size=world_size,
+        timeout_s=RUN_TIMEOUT_S,
+        collective_timeout_s=COLLECTIVE_TIMEOUT_S,
+        process_group=world_size > 1,
+        num_threads=THREADS_PER_PROCESS,
+        # Fresh interpreters: memory from scratch, and the malloc setting of main().
+        start_method="spawn",
+    )
 
 
 def print_report(args: argparse.Namespace, settings: dict, single: dict, ranks: list[dict]) -> None:

@@ -14,9 +14,7 @@ import os
 import pickle
 import random
 import signal
-import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 from torch import nn
+from torch.multiprocessing import ProcessExitedException
 
 from moviegen.distributed import checkpoint as dcp_checkpoint
 from moviegen.distributed.checkpoint import (
@@ -44,6 +42,7 @@ from moviegen.distributed.checkpoint import (
     read_checkpoint,
     resolve_checkpoint,
 )
+from moviegen.distributed.spawn import run_spawned
 from moviegen.train.checkpoint import COMPLETE_MARKER, CheckpointManager
 from moviegen.train.ema import EMA
 
@@ -52,7 +51,6 @@ WORLD_SIZE = 2
 SPAWN_TIMEOUT_S = 240
 # A collective that waits longer than this fails (a peer died or diverged).
 COLLECTIVE_TIMEOUT_S = 90
-JOIN_POLL_S = 0.2
 # Tiny MLP and batch: enough for FSDP2 to shard every parameter over 2 ranks.
 IN_DIM, HIDDEN_DIM, OUT_DIM = 6, 8, 4
 BATCH = 5
@@ -205,106 +203,77 @@ def _assert_same(actual: dict[str, Any], expected: dict[str, Any]) -> None:
             assert actual[name] == value, name
 
 
-# ----------------------------------------------------------------------------- spawning
+# ----------------------------------------------------------------------------- 2 ranks (FSDP2)
 
 
-def _run_spawned(fn: Any, args: tuple, nprocs: int) -> None:
-    """Run ``fn(rank, *args)`` in ``nprocs`` spawned processes; fail on error or deadline."""
-    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    # join() raises (with the worker's traceback) as soon as one worker fails.
-    while not context.join(timeout=JOIN_POLL_S):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"spawned workers did not finish within {SPAWN_TIMEOUT_S} s (hang?)")
-
-
-def _init_group(rank: int, root: Path) -> Any:
+def _fsdp_worker(rank: int, root_str: str) -> dict[str, Any]:
+    """Train, save (sync and async), resume into fresh trainers; record what tests compare."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    torch.set_num_threads(1)
-    # A file store needs no free port, so parallel test runs cannot collide.
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{root / 'store'}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-    )
-    return init_device_mesh("cpu", (WORLD_SIZE,))
-
-
-def _fsdp_worker(rank: int, root_str: str) -> None:
-    """Train, save (sync and async), resume into fresh trainers; record what tests compare."""
     root = Path(root_str)
-    mesh = _init_group(rank, root)
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
     results: dict[str, Any] = {}
+    trainer = _build_trainer(model_seed=MODEL_SEED, data_seed=DATA_SEED + rank, mesh=mesh)
+    sync = DistributedCheckpointer(root / "sync", keep_last=KEEP_LAST)
+    for step in range(1, STEPS_BEFORE_SAVE + 1):
+        trainer.step()
+        sync.save(step, trainer.state(), config=CONFIG)
+    results["model_at_save"] = _full(trainer.model.state_dict())
+    results["ema_at_save"] = _full(trainer.ema.shadow_state_dict())
+
+    # The async save must snapshot now, although training goes on before it commits.
+    async_ckpt = DistributedCheckpointer(root / "async", async_save=True)
+    async_ckpt.save(STEPS_BEFORE_SAVE, trainer.state(), config=CONFIG)
+    results["async_pending"] = async_ckpt.is_pending
+    results["async_listed_before_wait"] = len(async_ckpt.list())
+    results["draws_after_save"] = _rng_draws(trainer.generator)
+    results["loss_next"] = trainer.step()
+    results["model_next"] = _full(trainer.model.state_dict())
+    results["ema_next"] = _full(trainer.ema.shadow_state_dict())
+    async_ckpt.close()
+
+    for name, ckpt in (("sync", sync), ("async", DistributedCheckpointer(root / "async"))):
+        fresh = _build_trainer(
+            model_seed=MODEL_SEED + FRESH_SEED_OFFSET,
+            data_seed=DATA_SEED + FRESH_SEED_OFFSET + rank,
+            mesh=mesh,
+        )
+        info = ckpt.load(fresh.state())
+        results[f"{name}_step"] = info.step
+        results[f"{name}_config"] = json.dumps(info.config)
+        results[f"{name}_draws"] = _rng_draws(fresh.generator)
+        results[f"{name}_position"] = [
+            fresh.sampler.offset,
+            fresh.scheduler.last_epoch,
+            fresh.ema.num_updates,
+            fresh.train_seconds,
+        ]
+        results[f"{name}_loss"] = fresh.step()
+        results[f"{name}_model"] = _full(fresh.model.state_dict())
+        results[f"{name}_ema"] = _full(fresh.ema.shadow_state_dict())
+
+    wrong = _build_trainer(model_seed=MODEL_SEED, data_seed=DATA_SEED, mesh=mesh, layers=3)
     try:
-        trainer = _build_trainer(model_seed=MODEL_SEED, data_seed=DATA_SEED + rank, mesh=mesh)
-        sync = DistributedCheckpointer(root / "sync", keep_last=KEEP_LAST)
-        for step in range(1, STEPS_BEFORE_SAVE + 1):
-            trainer.step()
-            sync.save(step, trainer.state(), config=CONFIG)
-        results["model_at_save"] = _full(trainer.model.state_dict())
-        results["ema_at_save"] = _full(trainer.ema.shadow_state_dict())
-
-        # The async save must snapshot now, although training goes on before it commits.
-        async_ckpt = DistributedCheckpointer(root / "async", async_save=True)
-        async_ckpt.save(STEPS_BEFORE_SAVE, trainer.state(), config=CONFIG)
-        results["async_pending"] = async_ckpt.is_pending
-        results["async_listed_before_wait"] = len(async_ckpt.list())
-        results["draws_after_save"] = _rng_draws(trainer.generator)
-        results["loss_next"] = trainer.step()
-        results["model_next"] = _full(trainer.model.state_dict())
-        results["ema_next"] = _full(trainer.ema.shadow_state_dict())
-        async_ckpt.close()
-
-        for name, ckpt in (("sync", sync), ("async", DistributedCheckpointer(root / "async"))):
-            fresh = _build_trainer(
-                model_seed=MODEL_SEED + FRESH_SEED_OFFSET,
-                data_seed=DATA_SEED + FRESH_SEED_OFFSET + rank,
-                mesh=mesh,
-            )
-            info = ckpt.load(fresh.state())
-            results[f"{name}_step"] = info.step
-            results[f"{name}_config"] = json.dumps(info.config)
-            results[f"{name}_draws"] = _rng_draws(fresh.generator)
-            results[f"{name}_position"] = [
-                fresh.sampler.offset,
-                fresh.scheduler.last_epoch,
-                fresh.ema.num_updates,
-                fresh.train_seconds,
-            ]
-            results[f"{name}_loss"] = fresh.step()
-            results[f"{name}_model"] = _full(fresh.model.state_dict())
-            results[f"{name}_ema"] = _full(fresh.ema.shadow_state_dict())
-
-        wrong = _build_trainer(model_seed=MODEL_SEED, data_seed=DATA_SEED, mesh=mesh, layers=3)
-        try:
-            sync.load({"model": ModelState(wrong.model)})
-            results["mismatch_error"] = ""
-        except ValueError as error:
-            results["mismatch_error"] = str(error)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    torch.save(results, root / f"results_rank{rank}.pt")
+        sync.load({"model": ModelState(wrong.model)})
+        results["mismatch_error"] = ""
+    except ValueError as error:
+        results["mismatch_error"] = str(error)
+    dist.barrier()
+    return results
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory) -> tuple[Path, list[dict[str, Any]]]:
     """Run the 2-rank workers once; (their folder, each rank's results)."""
     root = tmp_path_factory.mktemp("fsdp")
-    _run_spawned(_fsdp_worker, (str(root),), WORLD_SIZE)
-    results = [
-        torch.load(root / f"results_rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)
-    ]
+    results = run_spawned(
+        _fsdp_worker,
+        args=(str(root),),
+        world_size=WORLD_SIZE,
+        timeout_s=SPAWN_TIMEOUT_S,
+        collective_timeout_s=COLLECTIVE_TIMEOUT_S,
+    )
     return root, results
-
-
-# ----------------------------------------------------------------------------- 2 ranks (FSDP2)
 
 
 @pytest.mark.distributed
@@ -448,7 +417,7 @@ def test_keep_last_and_async_single_process(tmp_path):
     async_ckpt.close()
 
 
-def _killed_save_child(run_dir: str, kill_point: str, weights_path: str) -> None:
+def _killed_save_child(rank: int, run_dir: str, kill_point: str, weights_path: str) -> None:
     """Save step 1, then SIGKILL itself in the middle of saving step 2."""
     trainer = _build_trainer(model_seed=MODEL_SEED, data_seed=DATA_SEED)
     trainer.step()
@@ -475,15 +444,15 @@ def _killed_save_child(run_dir: str, kill_point: str, weights_path: str) -> None
 @pytest.mark.parametrize("kill_point", ["dcp_write", "before_marker"])
 def test_killed_save_leaves_previous_checkpoint(tmp_path, kill_point):
     run_dir, weights_path = tmp_path / "run", tmp_path / "step1.safetensors"
-    process = mp.get_context("spawn").Process(
-        target=_killed_save_child, args=(str(run_dir), kill_point, str(weights_path))
-    )
-    process.start()
-    process.join(SPAWN_TIMEOUT_S)
-    if process.is_alive():
-        process.kill()
-        pytest.fail("killed-save child hung")
-    assert process.exitcode == -signal.SIGKILL
+    with pytest.raises(ProcessExitedException) as exited:
+        run_spawned(
+            _killed_save_child,
+            args=(str(run_dir), kill_point, str(weights_path)),
+            world_size=1,
+            timeout_s=SPAWN_TIMEOUT_S,
+            process_group=False,
+        )
+    assert exited.value.exit_code == -signal.SIGKILL
 
     checkpoints = run_dir / "checkpoints"
     partial = checkpoints / ".step_00000002.tmp"

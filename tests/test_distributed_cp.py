@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import time
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
@@ -25,6 +21,7 @@ from moviegen.distributed.context_parallel import (
     UlyssesAttention,
     apply_context_parallel,
 )
+from moviegen.distributed.spawn import run_spawned
 from moviegen.transformer import MovieGenTransformer, TransformerConfig, transformer_recipe
 from moviegen.transformer.blocks import Attention
 from moviegen.transformer.model import SequenceSharding
@@ -33,7 +30,7 @@ pytestmark = pytest.mark.distributed
 
 WORLD_SIZE = 2
 # A collective that waits longer than this raises in the worker instead of hanging.
-COLLECTIVE_TIMEOUT = timedelta(seconds=60)
+COLLECTIVE_TIMEOUT_S = 60.0
 # The whole spawn (start-up included) is killed and failed after this long.
 SPAWN_TIMEOUT_S = 120.0
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
@@ -193,58 +190,37 @@ def check_bad_inputs(rank: int) -> dict:
     return outcomes
 
 
-def worker(rank: int, store_path: str, out_dir: str) -> None:
-    torch.set_num_threads(1)  # two processes on two shared cores
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store_path}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=COLLECTIVE_TIMEOUT,
-    )
-    try:
-        group = dist.group.WORLD
-        results: dict = {"attention": {}, "model": {}}
-        for name in ATTENTION_CASES:
-            attention, case = attention_case(name)
-            attention.attention_fn = UlyssesAttention(group)
-            step = attention_step(attention, case, ContextParallelSharding(group))
-            results["attention"][name] = all_reduce_grads(step)
-        mesh = init_device_mesh("cpu", (WORLD_SIZE,), mesh_dim_names=("cp",))
-        for name in MODEL_CASES:
-            model, case = model_case(name)
-            apply_context_parallel(model, mesh)
-            results["model"][name] = all_reduce_grads(model_step(model, case))
-        # A deep copy (e.g. an EMA shadow) keeps running context parallel.
-        model, case = model_case(COPIED_MODEL_CASE)
+def worker(rank: int) -> dict:
+    """Every case on this rank of the spawned group."""
+    group = dist.group.WORLD
+    results: dict = {"attention": {}, "model": {}}
+    for name in ATTENTION_CASES:
+        attention, case = attention_case(name)
+        attention.attention_fn = UlyssesAttention(group)
+        step = attention_step(attention, case, ContextParallelSharding(group))
+        results["attention"][name] = all_reduce_grads(step)
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,), mesh_dim_names=("cp",))
+    for name in MODEL_CASES:
+        model, case = model_case(name)
         apply_context_parallel(model, mesh)
-        results["copy"] = model_step(copy.deepcopy(model), case)["out"]
-        results["bad_inputs"] = check_bad_inputs(rank)
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+        results["model"][name] = all_reduce_grads(model_step(model, case))
+    # A deep copy (e.g. an EMA shadow) keeps running context parallel.
+    model, case = model_case(COPIED_MODEL_CASE)
+    apply_context_parallel(model, mesh)
+    results["copy"] = model_step(copy.deepcopy(model), case)["out"]
+    results["bad_inputs"] = check_bad_inputs(rank)
+    return results
 
 
 @pytest.fixture(scope="module")
-def cp_results(tmp_path_factory) -> list[dict]:
+def cp_results() -> list[dict]:
     """Every rank's results of one spawn of ``WORLD_SIZE`` gloo workers."""
-    out_dir = tmp_path_factory.mktemp("context_parallel")
-    # A file store needs no free port (no race with other tests for one).
-    store_path = out_dir / "store"
-    context = mp.start_processes(
+    return run_spawned(
         worker,
-        args=(str(store_path), str(out_dir)),
-        nprocs=WORLD_SIZE,
-        join=False,
-        start_method="spawn",
+        world_size=WORLD_SIZE,
+        timeout_s=SPAWN_TIMEOUT_S,
+        collective_timeout_s=COLLECTIVE_TIMEOUT_S,
     )
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=1.0):  # raises if a worker raised
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"context-parallel workers still running after {SPAWN_TIMEOUT_S} s")
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
 
 
 def assert_same(actual: dict, expected: dict) -> None:

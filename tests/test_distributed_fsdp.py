@@ -9,22 +9,17 @@ bf16 policy (blocks bf16, the rest fp32) and a sharded frozen module.
 One spawned group of :data:`WORLD_SIZE` ranks runs every distributed check
 once (module fixture ``group``) and hands back gathered full tensors; the
 references are computed here, in the pytest process, from the same inputs. A
-group that hangs is killed after :data:`GROUP_TIMEOUT_S`.
+group that hangs is killed after :data:`GROUP_TIMEOUT_S` (``run_spawned``).
 """
 
 from __future__ import annotations
 
 import collections
 import functools
-import time
-import traceback
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
@@ -42,6 +37,7 @@ from moviegen.distributed import (
     fsdp_mesh,
     place_frozen_module,
 )
+from moviegen.distributed.spawn import run_spawned
 from moviegen.flow.path import FlowPath
 from moviegen.transformer import transformer_recipe
 from moviegen.transformer.conditioned import TextToVideoModel
@@ -311,25 +307,6 @@ def _has_context_parallel() -> bool:
     return True
 
 
-def _worker(rank: int, store_path: str, out_dir: str, inputs: dict) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store_path}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-    )
-    try:
-        results = _rank_checks(rank, inputs)
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    except BaseException:
-        (Path(out_dir) / f"error{rank}.txt").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
 def _make_frozen() -> nn.Sequential:
     torch.manual_seed(SEED)
     first, hidden, last = FROZEN_DIMS
@@ -347,26 +324,15 @@ def inputs() -> dict:
 
 
 @pytest.fixture(scope="module")
-def group(inputs, tmp_path_factory) -> dict:
+def group(inputs) -> dict:
     """Run the spawned group once; rank 0's results (all ranks' are checked equal)."""
-    out_dir = tmp_path_factory.mktemp("fsdp")
-    context = mp.start_processes(
-        _worker,
-        args=(str(out_dir / "store"), str(out_dir), inputs),
-        nprocs=WORLD_SIZE,
-        join=False,
-        start_method="spawn",
+    per_rank = run_spawned(
+        _rank_checks,
+        args=(inputs,),
+        world_size=WORLD_SIZE,
+        timeout_s=GROUP_TIMEOUT_S,
+        collective_timeout_s=COLLECTIVE_TIMEOUT_S,
     )
-    deadline = time.monotonic() + GROUP_TIMEOUT_S
-    try:
-        while not context.join(timeout=max(0.0, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"the {WORLD_SIZE}-rank group did not finish in {GROUP_TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    per_rank = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
     for other in per_rank[1:]:
         assert other["train_losses"] == per_rank[0]["train_losses"]
     return {"rank0": per_rank[0], "ranks": per_rank}

@@ -7,7 +7,10 @@ checkpointing, compile and context parallel, applied from outside the model.
   transformer, meta-device construction and seeded init, frozen encoders.
 - :mod:`moviegen.distributed.planner`: the per-GPU memory and step-time
   estimate behind ``moviegen plan``.
+- :mod:`moviegen.distributed.spawn`: run a function on N gloo CPU processes
+  (tests and benchmarks of the above on one machine).
 
+The package exports the public names of ``mesh`` and ``parallelize``.
 Importing this package needs no process group; the FSDP2 machinery of
 ``parallelize`` is imported on first use of one of its names.
 """
@@ -17,19 +20,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from moviegen.distributed.mesh import (
-    AC_MODES,
-    MESH_AXES,
-    ParallelConfig,
-    build_mesh,
-    cp_mesh,
-    data_parallel_rank,
-    data_parallel_size,
-    fsdp_mesh,
-)
+from moviegen.distributed import mesh as _mesh
+from moviegen.distributed.mesh import *  # noqa: F403 (re-exports exactly mesh.__all__)
 
-# Names served lazily from moviegen.distributed.parallelize (its FSDP2 imports
-# cost about half a second, which users of the planner alone should not pay).
+# Public names of moviegen.distributed.parallelize, served lazily by __getattr__
+# (its FSDP2 imports cost about half a second, which users of the planner alone
+# should not pay). Reading parallelize.__all__ would import it, so the names are
+# listed here and parallelize.__all__ is built from this tuple.
 _PARALLELIZE_NAMES = (
     "apply_activation_checkpointing",
     "apply_compile",
@@ -41,17 +38,7 @@ _PARALLELIZE_NAMES = (
     "place_frozen_module",
 )
 
-__all__ = [
-    "AC_MODES",
-    "MESH_AXES",
-    "ParallelConfig",
-    "build_mesh",
-    "cp_mesh",
-    "data_parallel_rank",
-    "data_parallel_size",
-    "fsdp_mesh",
-    *_PARALLELIZE_NAMES,
-]
+__all__ = [*_mesh.__all__, *_PARALLELIZE_NAMES]
 
 
 def __getattr__(name: str) -> Any:

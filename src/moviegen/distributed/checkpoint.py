@@ -17,9 +17,10 @@ Layout of one run::
         COMPLETE            written last by rank 0: format, step, world size, entries
       step_00000200/ ...
 
-Step folders are named like :mod:`moviegen.train.checkpoint`'s (same prefix,
-digits and marker name), so both kinds sort and list alike; the ``COMPLETE``
-marker's ``"format": "dcp"`` tells them apart.
+Step folders are named, listed, published and pruned like
+:mod:`moviegen.train.checkpoint`'s (both build on
+:class:`moviegen.train.checkpoint_files.StepFolders`), so both kinds sort and
+list alike; the ``COMPLETE`` marker's ``"format": "dcp"`` tells them apart.
 
 Atomic completion. All ranks write into a hidden ``.step_00000200.tmp``;
 ``dcp.save`` returns on every rank only after all ranks' shards and the DCP
@@ -109,7 +110,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping
 from contextlib import contextmanager
@@ -144,13 +144,14 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from moviegen.config import config_to_dict, fsync_dir
-from moviegen.train.checkpoint import (
-    CHECKPOINTS_DIRNAME,
+from moviegen.train.checkpoint import CONFIG_METADATA_KEY
+from moviegen.train.checkpoint_files import (
     COMPLETE_MARKER,
-    CONFIG_METADATA_KEY,
-    STEP_DIGITS,
-    STEP_DIR_PREFIX,
-    _check_weights_only_safe,
+    DEFAULT_KEEP_LAST,
+    StepFolders,
+    check_weights_only_safe,
+    fsync_file,
+    write_synced,
 )
 from moviegen.train.rng import capture_rng_state, restore_rng_state
 
@@ -179,8 +180,6 @@ DCP_FORMAT = "dcp"
 FORMAT_VERSION = 1
 # Resolved run config, written by rank 0 into the step folder.
 CONFIG_FILENAME = "config.json"
-# Default number of complete checkpoints to keep.
-DEFAULT_KEEP_LAST = 3
 # State entries that export_consolidated() reads: ModelState / EMAState under these names.
 MODEL_KEY = "model"
 EMA_KEY = "ema"
@@ -195,11 +194,6 @@ _MAX_KEYS_IN_ERROR = 8
 # safetensors header entry that tells readers (e.g. transformers) the tensor framework.
 _SAFETENSORS_HEADER = {"format": "pt"}
 
-_STEP_DIR_RE = re.compile(rf"^{STEP_DIR_PREFIX}(\d+)$")
-_TEMP_SUFFIX = ".tmp"
-_OLD_SUFFIX = ".old"
-# Hidden leftovers of interrupted saves: ".step_00000100.tmp" / ".step_00000100.old".
-_LEFTOVER_RE = re.compile(rf"^\.{STEP_DIR_PREFIX}\d+({_TEMP_SUFFIX}|{_OLD_SUFFIX})$")
 _PER_RANK_KEY_RE = re.compile(rf"^{PER_RANK_PREFIX}(\d+)$")
 # DCP warns on every single-process call that it "assumes the intent"; that is our intent.
 _NO_DIST_WARNING = r"torch\.distributed is disabled, unavailable or uninitialized"
@@ -426,7 +420,7 @@ class _PendingSave:
     future: Any  # concurrent.futures.Future or AsyncSaveResponse
 
 
-class DistributedCheckpointer:
+class DistributedCheckpointer(StepFolders):
     """Saves, finds and loads DCP checkpoints of one run (see the module docstring).
 
     Args:
@@ -441,6 +435,9 @@ class DistributedCheckpointer:
         process_group: Group of the ranks that hold the state; default: all.
     """
 
+    # All ranks write into the same temp folder: ".step_00000100.tmp", no pid.
+    HIDDEN_NAMES_WITH_PID = False
+
     def __init__(
         self,
         run_dir: str | os.PathLike[str],
@@ -449,13 +446,7 @@ class DistributedCheckpointer:
         async_save: bool = False,
         process_group: dist.ProcessGroup | None = None,
     ):
-        if keep_last is not None and (
-            isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1
-        ):
-            raise ValueError(f"keep_last must be an int >= 1 or None (keep all), got {keep_last!r}")
-        self.run_dir = Path(run_dir)
-        self.checkpoints_dir = self.run_dir / CHECKPOINTS_DIRNAME
-        self.keep_last = keep_last
+        super().__init__(run_dir, keep_last=keep_last)
         self.async_save = bool(async_save)
         self._distributed = dist.is_available() and dist.is_initialized()
         if process_group is not None and not self._distributed:
@@ -533,19 +524,12 @@ class DistributedCheckpointer:
             key: value.state_dict() if isinstance(value, Stateful) else value
             for key, value in state.items()
         }
-        _check_weights_only_safe(snapshot, "state")
+        check_weights_only_safe(snapshot, "state")
 
-        name = _step_dir_name(step)
-        final = self.checkpoints_dir / name
-        temp = self.checkpoints_dir / f".{name}{_TEMP_SUFFIX}"
-
-        def prepare() -> None:
-            self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-            self._remove_leftovers()
-            temp.mkdir()
-
+        final = self._final_dir(step)
+        temp = self._temp_dir(final)
         # Nobody writes before rank 0 has cleared the way.
-        self._on_rank0(prepare)
+        self._on_rank0(lambda: self._start_save(temp))
 
         writer = FileSystemWriter(temp, sync_files=True, overwrite=False)
         if self.async_save:
@@ -616,7 +600,7 @@ class DistributedCheckpointer:
 
         def commit() -> None:
             if config_text is not None:
-                _write_synced(temp / CONFIG_FILENAME, config_text.encode())
+                write_synced(temp / CONFIG_FILENAME, config_text.encode())
             marker = {
                 "format": DCP_FORMAT,
                 "format_version": FORMAT_VERSION,
@@ -625,55 +609,12 @@ class DistributedCheckpointer:
                 "entries": entries,
             }
             _write_completion_marker(temp, marker)
-            fsync_dir(temp)
-            self._move_into_place(temp, final)
-            fsync_dir(self.checkpoints_dir)
-            self._apply_retention(keep=final)
+            self._publish(temp, final)
 
         self._on_rank0(commit)
         return final
 
-    def _move_into_place(self, temp: Path, final: Path) -> None:
-        if not final.exists():
-            os.replace(temp, final)
-            return
-        # Re-saving a step: a folder cannot be renamed over a non-empty one. A
-        # crash between the two renames loses only this step (latest() falls
-        # back to the previous checkpoint).
-        old = self.checkpoints_dir / f".{final.name}{_OLD_SUFFIX}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(temp, final)
-        shutil.rmtree(old, ignore_errors=True)
-
-    def _remove_leftovers(self) -> None:
-        """Delete temp folders and step folders without ``COMPLETE`` (interrupted saves)."""
-        for entry in self.checkpoints_dir.iterdir():
-            if not entry.is_dir():
-                continue
-            if _LEFTOVER_RE.match(entry.name) or (
-                _STEP_DIR_RE.match(entry.name) and not (entry / COMPLETE_MARKER).is_file()
-            ):
-                shutil.rmtree(entry, ignore_errors=True)
-
-    def _apply_retention(self, *, keep: Path) -> None:
-        if self.keep_last is None:
-            return
-        checkpoints = self.list()
-        for path in checkpoints[: max(0, len(checkpoints) - self.keep_last)]:
-            if path != keep:
-                shutil.rmtree(path, ignore_errors=True)
-
-    # ------------------------------------------------------------------ finding
-
-    def list(self) -> list[Path]:
-        """Complete checkpoints of this run, oldest (lowest step) first."""
-        return [path for _, path in _complete_checkpoints(self.checkpoints_dir)]
-
-    def latest(self) -> Path | None:
-        """The complete checkpoint with the highest step, or None."""
-        checkpoints = self.list()
-        return checkpoints[-1] if checkpoints else None
+    # list(), latest() and resolve() come from StepFolders.
 
     # ------------------------------------------------------------------ loading
 
@@ -778,23 +719,7 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
         FileNotFoundError: ``path`` does not exist, is an incomplete step
             folder, or holds no complete checkpoint.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no checkpoint at {path}: not a folder")
-    if (path / COMPLETE_MARKER).is_file():
-        return path
-    if _STEP_DIR_RE.match(path.name) or _LEFTOVER_RE.match(path.name):
-        raise FileNotFoundError(
-            f"{path} is an incomplete checkpoint (no {COMPLETE_MARKER} marker: an interrupted save?)"
-        )
-    search_dir = path / CHECKPOINTS_DIRNAME if (path / CHECKPOINTS_DIRNAME).is_dir() else path
-    checkpoints = _complete_checkpoints(search_dir)
-    if not checkpoints:
-        raise FileNotFoundError(
-            f"no complete checkpoint under {search_dir} (expected "
-            f"{STEP_DIR_PREFIX}{'N' * STEP_DIGITS}/ folders with a {COMPLETE_MARKER} marker)"
-        )
-    return checkpoints[-1][1]
+    return DistributedCheckpointer.resolve(path)
 
 
 def read_checkpoint(checkpoint: str | os.PathLike[str], *, prefix: str = "") -> dict[str, Any]:
@@ -908,10 +833,10 @@ def export_consolidated(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with _atomic_path(out_path) as temp:
         save_safetensors(tensors, temp, metadata=_SAFETENSORS_HEADER)
-        _fsync_file(temp)
+        fsync_file(temp)
     json_text = json.dumps(info, indent=_JSON_INDENT, allow_nan=False) + "\n"
     with _atomic_path(out_path.with_suffix(".json")) as temp:
-        _write_synced(temp, json_text.encode())
+        write_synced(temp, json_text.encode())
     fsync_dir(out_path.parent)
     return out_path
 
@@ -1002,22 +927,6 @@ def _quiet_no_dist():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_NO_DIST_WARNING, category=UserWarning)
         yield
-
-
-def _step_dir_name(step: int) -> str:
-    return f"{STEP_DIR_PREFIX}{step:0{STEP_DIGITS}d}"
-
-
-def _complete_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete step folder, sorted by step."""
-    if not checkpoints_dir.is_dir():
-        return []
-    found = []
-    for entry in checkpoints_dir.iterdir():
-        match = _STEP_DIR_RE.match(entry.name)
-        if match and (entry / COMPLETE_MARKER).is_file():
-            found.append((int(match.group(1)), entry))
-    return sorted(found)
 
 
 def _check_state(state: Mapping[str, Any]) -> list[str]:
@@ -1154,19 +1063,7 @@ def _set_nested(root: dict[Any, Any], path: tuple[Any, ...], value: Any) -> None
 
 def _write_completion_marker(folder: Path, marker: Mapping[str, Any]) -> None:
     """Write ``COMPLETE``; a step folder counts as a checkpoint only once it exists."""
-    _write_synced(folder / COMPLETE_MARKER, json.dumps(marker, indent=_JSON_INDENT).encode())
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as file:
-        os.fsync(file.fileno())
+    write_synced(folder / COMPLETE_MARKER, json.dumps(marker, indent=_JSON_INDENT).encode())
 
 
 @contextmanager

@@ -47,18 +47,11 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from moviegen.distributed import _PARALLELIZE_NAMES
 from moviegen.distributed.mesh import SELECTIVE_OP, ParallelConfig, cp_mesh, fsdp_mesh
 
-__all__ = [
-    "apply_activation_checkpointing",
-    "apply_compile",
-    "apply_fsdp",
-    "build_parallel_model",
-    "find_transformer",
-    "init_parallel_weights",
-    "parallelize_transformer",
-    "place_frozen_module",
-]
+# Listed by the package, which serves these names without importing this module.
+__all__ = list(_PARALLELIZE_NAMES)
 
 # Operators whose outputs per-operator selective AC keeps: the FLOP-heavy
 # matmuls and attention kernels. Everything else in a block (norms,

@@ -46,9 +46,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +56,15 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
-from moviegen.config import atomic_write_text, config_to_dict, fsync_dir
+from moviegen.config import atomic_write_text, config_to_dict
+from moviegen.train.checkpoint_files import (
+    CHECKPOINTS_DIRNAME,
+    COMPLETE_MARKER,
+    StepFolders,
+    check_weights_only_safe,
+    fsync_file,
+    write_synced,
+)
 
 __all__ = [
     "CHECKPOINTS_DIRNAME",
@@ -68,35 +74,18 @@ __all__ = [
     "CheckpointManager",
 ]
 
-# Sub-folder of a run directory that holds the step folders.
-CHECKPOINTS_DIRNAME = "checkpoints"
-# Step folder names are zero-padded so that they also sort by name.
-STEP_DIR_PREFIX = "step_"
-STEP_DIGITS = 8
 MODEL_FILENAME = "model.safetensors"
 EMA_FILENAME = "ema.safetensors"
 TRAIN_STATE_FILENAME = "train_state.pt"
 METADATA_FILENAME = "metadata.json"
-# Written last; a step folder without it is an interrupted save.
-COMPLETE_MARKER = "COMPLETE"
 # Bumped when the layout changes incompatibly.
 FORMAT_VERSION = 1
 # Key of ``metadata.json`` under which ``save(config=...)`` stores the resolved config.
 CONFIG_METADATA_KEY = "config"
-# Default number of complete checkpoints to keep.
-DEFAULT_KEEP_LAST = 3
 # safetensors header entry that tells readers (e.g. transformers) the tensor framework.
 _SAFETENSORS_HEADER = {"format": "pt"}
 # Indentation of metadata.json: small, read by people.
 _JSON_INDENT = 2
-
-_STEP_DIR_RE = re.compile(rf"^{STEP_DIR_PREFIX}(\d+)$")
-# Hidden leftovers of interrupted saves: ".step_00000100.tmp-1234" / ".step_00000100.old-1234".
-_LEFTOVER_RE = re.compile(rf"^\.{STEP_DIR_PREFIX}\d+\.(tmp|old)-\d+$")
-# Leaf types that ``torch.load(weights_only=True)`` reads back. Exact types for
-# scalars: a numpy float64 is a float subclass but would need unpickling.
-_SAFE_SCALAR_TYPES = (bool, int, float, str, type(None))
-_SAFE_TORCH_TYPES = (torch.Tensor, torch.dtype, torch.device)
 
 
 @dataclass(kw_only=True)
@@ -117,7 +106,7 @@ class Checkpoint:
     metadata: dict[str, Any]
 
 
-class CheckpointManager:
+class CheckpointManager(StepFolders):
     """Saves and finds checkpoints of one run (see the module docstring for the layout).
 
     Args:
@@ -127,14 +116,7 @@ class CheckpointManager:
             ``None`` keeps all.
     """
 
-    def __init__(
-        self, run_dir: str | os.PathLike[str], *, keep_last: int | None = DEFAULT_KEEP_LAST
-    ):
-        if keep_last is not None and (isinstance(keep_last, bool) or keep_last < 1):
-            raise ValueError(f"keep_last must be >= 1 or None (keep all), got {keep_last!r}")
-        self.run_dir = Path(run_dir)
-        self.checkpoints_dir = self.run_dir / CHECKPOINTS_DIRNAME
-        self.keep_last = keep_last
+    HIDDEN_NAMES_WITH_PID = True
 
     # ------------------------------------------------------------------ saving
 
@@ -171,15 +153,12 @@ class CheckpointManager:
         model_tensors = _prepare_tensors(model_state, "model_state")
         ema_tensors = None if ema_state is None else _prepare_tensors(ema_state, "ema_state")
         if train_state is not None:
-            _check_weights_only_safe(train_state, "train_state")
+            check_weights_only_safe(train_state, "train_state")
         metadata_text = _metadata_json(metadata, config)
 
-        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        self._remove_leftovers()
-        name = _step_dir_name(step)
-        final = self.checkpoints_dir / name
-        temp = self.checkpoints_dir / f".{name}.tmp-{os.getpid()}"
-        temp.mkdir()
+        final = self._final_dir(step)
+        temp = self._temp_dir(final)
+        self._start_save(temp)
         try:
             sizes = {MODEL_FILENAME: _write_safetensors(model_tensors, temp / MODEL_FILENAME)}
             if ema_tensors is not None:
@@ -188,88 +167,16 @@ class CheckpointManager:
                 sizes[TRAIN_STATE_FILENAME] = _write_train_state(
                     train_state, temp / TRAIN_STATE_FILENAME
                 )
-            _write_synced(temp / METADATA_FILENAME, metadata_text.encode())
+            write_synced(temp / METADATA_FILENAME, metadata_text.encode())
             marker = {"format_version": FORMAT_VERSION, "step": step, "file_sizes": sizes}
-            _write_synced(temp / COMPLETE_MARKER, json.dumps(marker, indent=_JSON_INDENT).encode())
-            fsync_dir(temp)
-            self._move_into_place(temp, final)
+            write_synced(temp / COMPLETE_MARKER, json.dumps(marker, indent=_JSON_INDENT).encode())
+            self._publish(temp, final)
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
             raise
-        fsync_dir(self.checkpoints_dir)
-        self._apply_retention(keep=final)
         return final
 
-    def _move_into_place(self, temp: Path, final: Path) -> None:
-        if not final.exists():
-            os.replace(temp, final)
-            return
-        # Re-saving a step (e.g. the final save lands on a periodic one): move the
-        # old folder aside first, as a folder cannot be renamed over a non-empty one.
-        # A crash between the two renames loses only this step; latest() then
-        # falls back to the previous checkpoint.
-        old = self.checkpoints_dir / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(temp, final)
-        shutil.rmtree(old, ignore_errors=True)
-
-    def _remove_leftovers(self) -> None:
-        """Delete temp folders and step folders without ``COMPLETE`` (interrupted saves)."""
-        for entry in self.checkpoints_dir.iterdir():
-            if not entry.is_dir():
-                continue
-            if _LEFTOVER_RE.match(entry.name) or (
-                _STEP_DIR_RE.match(entry.name) and not (entry / COMPLETE_MARKER).is_file()
-            ):
-                shutil.rmtree(entry, ignore_errors=True)
-
-    def _apply_retention(self, *, keep: Path) -> None:
-        if self.keep_last is None:
-            return
-        checkpoints = self.list()
-        for path in checkpoints[: max(0, len(checkpoints) - self.keep_last)]:
-            if path != keep:
-                shutil.rmtree(path, ignore_errors=True)
-
-    # ------------------------------------------------------------------ finding
-
-    def list(self) -> list[Path]:
-        """Complete checkpoints of this run, oldest (lowest step) first."""
-        return [path for _, path in _complete_checkpoints(self.checkpoints_dir)]
-
-    def latest(self) -> Path | None:
-        """The complete checkpoint with the highest step, or None."""
-        checkpoints = self.list()
-        return checkpoints[-1] if checkpoints else None
-
-    @staticmethod
-    def resolve(path: str | os.PathLike[str]) -> Path:
-        """Find a complete checkpoint folder from a run dir, checkpoints dir or step dir.
-
-        A run dir or checkpoints dir resolves to its latest complete checkpoint.
-
-        Raises:
-            FileNotFoundError: ``path`` does not exist, is an incomplete step
-                folder, or holds no complete checkpoint.
-        """
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"no checkpoint at {path}: not a folder")
-        if (path / COMPLETE_MARKER).is_file():
-            return path
-        if _STEP_DIR_RE.match(path.name):
-            raise FileNotFoundError(
-                f"{path} is an incomplete checkpoint (no {COMPLETE_MARKER} marker: an "
-                "interrupted save?)"
-            )
-        search_dir = path / CHECKPOINTS_DIRNAME if (path / CHECKPOINTS_DIRNAME).is_dir() else path
-        checkpoints = _complete_checkpoints(search_dir)
-        if not checkpoints:
-            raise FileNotFoundError(
-                f"no complete checkpoint under {search_dir} (expected "
-                f"{STEP_DIR_PREFIX}{'N' * STEP_DIGITS}/ folders with a {COMPLETE_MARKER} marker)"
-            )
-        return checkpoints[-1][1]
+    # list(), latest() and resolve() come from StepFolders.
 
     # ------------------------------------------------------------------ loading
 
@@ -340,22 +247,6 @@ class CheckpointManager:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _step_dir_name(step: int) -> str:
-    return f"{STEP_DIR_PREFIX}{step:0{STEP_DIGITS}d}"
-
-
-def _complete_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete step folder, sorted by step."""
-    if not checkpoints_dir.is_dir():
-        return []
-    found = []
-    for entry in checkpoints_dir.iterdir():
-        match = _STEP_DIR_RE.match(entry.name)
-        if match and (entry / COMPLETE_MARKER).is_file():
-            found.append((int(match.group(1)), entry))
-    return sorted(found)
-
-
 def _prepare_tensors(state: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
     """CPU, contiguous tensors that share no memory (safetensors refuses shared storage)."""
     if not isinstance(state, Mapping):
@@ -379,24 +270,6 @@ def _prepare_tensors(state: Mapping[str, torch.Tensor], what: str) -> dict[str, 
     return prepared
 
 
-def _check_weights_only_safe(value: Any, key: str) -> None:
-    """Raise if ``value`` holds anything ``torch.load(weights_only=True)`` would refuse."""
-    kind = type(value)
-    if kind in (dict, OrderedDict):
-        for name, item in value.items():
-            if type(name) not in _SAFE_SCALAR_TYPES:
-                raise ValueError(f"{key}: dict key {name!r} of type {type(name).__name__}")
-            _check_weights_only_safe(item, f"{key}[{name!r}]")
-    elif kind in (list, tuple, torch.Size):
-        for index, item in enumerate(value):
-            _check_weights_only_safe(item, f"{key}[{index}]")
-    elif kind not in _SAFE_SCALAR_TYPES and not isinstance(value, _SAFE_TORCH_TYPES):
-        raise ValueError(
-            f"{key}: a {kind.__name__} cannot be loaded with torch.load(weights_only=True); "
-            "store tensors, numbers, strings, None, lists and dicts (e.g. float(x), x.tolist())"
-        )
-
-
 def _metadata_json(metadata: Mapping[str, Any] | None, config: Any | None) -> str:
     data = dict(metadata or {})
     if config is not None:
@@ -414,24 +287,10 @@ def _metadata_json(metadata: Mapping[str, Any] | None, config: Any | None) -> st
         raise ValueError(f"checkpoint metadata must be JSON-serialisable: {error}") from error
 
 
-def _write_synced(path: Path, data: bytes) -> int:
-    with open(path, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    return len(data)
-
-
-def _fsync_file(path: Path) -> int:
-    with open(path, "rb+") as file:
-        os.fsync(file.fileno())
-    return path.stat().st_size
-
-
 def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> int:
     """Write and fsync a safetensors file; returns its size in bytes."""
     save_safetensors(tensors, path, metadata=_SAFETENSORS_HEADER)
-    return _fsync_file(path)
+    return fsync_file(path)
 
 
 def _write_train_state(train_state: Mapping[str, Any], path: Path) -> int:
