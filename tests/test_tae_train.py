@@ -14,7 +14,7 @@ from moviegen.tae.checkpoint import load_tae
 from moviegen.tae.model import TAE, TAEConfig, tae_recipe
 from moviegen.train.checkpoint import CheckpointManager
 from moviegen.train.logging import read_scalars
-from moviegen.train.tae_trainer import TAETrainer, resolve_config
+from moviegen.train.tae_trainer import TAEDataConfig, TAETrainer, content_crop, resolve_config
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +139,20 @@ def test_cli_errors_are_clear(shapes_data, tmp_path, capsys):
     assert cli("tae", "train", "--recipe", "debug", "--data", shapes_data / "train.jsonl",
                "--out", tmp_path / "r", "--set", "lr=fast") == USAGE_ERROR  # fmt: skip
     assert "lr" in capsys.readouterr().err
+
+
+def test_content_crops_find_the_object_that_plain_crops_miss():
+    clip = -torch.ones(3, 8, 64, 64)  # (C, T, H, W): black, one small bright square
+    clip[:, :, 40:48, 8:16] = 1.0
+
+    def object_rate(candidates: int) -> float:
+        generator = torch.Generator().manual_seed(0)
+        crops = [content_crop(clip, (8, 16, 16), candidates, generator) for _ in range(200)]
+        assert all(crop.shape == (3, 8, 16, 16) for crop in crops)
+        return sum(bool((crop > 0).any()) for crop in crops) / len(crops)
+
+    plain, content = object_rate(1), object_rate(8)
+    assert plain < 0.3, "a 16 px crop of a 64 px frame mostly misses an 8 px object"
+    assert content > 0.5 and content > 3 * plain
+    with pytest.raises(ValueError, match="crop_candidates"):
+        TAEDataConfig(crop_candidates=0)

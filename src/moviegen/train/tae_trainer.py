@@ -81,11 +81,21 @@ class TAEDataConfig:
     fps: float | None = None  # sampling rate; None keeps each file's rate
     crop_size: int | None = 32  # random spatial crop for training; None: whole frames
     crop_frames: int | None = 8  # random temporal window for training; None: whole clips
+    # Content-aware crops: draw this many random windows per clip and train on
+    # the one whose pixels vary most. 1 is a plain random crop. On sparse
+    # content (a small object on black) most plain crops are empty background
+    # that teaches nothing; on natural video every crop has content and the
+    # choice hardly matters.
+    crop_candidates: int = 1
     batch_size: int = 8  # video clips per (global) batch, split over the ranks
     image_batch_size: int = 32  # frames per (global) image batch (images are cheap)
     image_fraction: float = 0.25  # share of image batches: 1 per 3 video batches
     num_workers: int = 0  # DataLoader workers (0 is fastest on 2 cores)
     val_clips: int = 32  # validation clips (the first ones of the val manifest)
+
+    def __post_init__(self) -> None:
+        if self.crop_candidates < 1:
+            raise ValueError(f"crop_candidates must be >= 1, got {self.crop_candidates}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,6 +181,27 @@ def tae_train_recipe(name: str) -> TAETrainConfig:
         loss=TAELossConfig(l1_weight=0.1, l2_weight=1.0),
         data=TAEDataConfig(crop_size=None, crop_frames=8, batch_size=4, image_batch_size=16),
     )
+
+
+def content_crop(
+    clip: torch.Tensor,
+    crop: tuple[int, int, int],
+    num_candidates: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """A random ``crop = (frames, height, width)`` window of ``clip (C, T, H, W)``:
+    of ``num_candidates`` uniformly drawn windows, the one whose pixels vary most
+    (the first of equals, so one candidate is a plain random crop)."""
+    crop_t, crop_h, crop_w = crop
+    _, frames, height, width = clip.shape
+    candidates = []
+    for _ in range(num_candidates):
+        t0, y0, x0 = (
+            int(torch.randint(0, limit + 1, (1,), generator=generator))
+            for limit in (frames - crop_t, height - crop_h, width - crop_w)
+        )
+        candidates.append(clip[:, t0 : t0 + crop_t, y0 : y0 + crop_h, x0 : x0 + crop_w])
+    return max(candidates, key=lambda window: float(window.var()))
 
 
 class TAETrainer(ResumableTraining):
@@ -306,11 +337,9 @@ class TAETrainer(ResumableTraining):
         crops = []
         for position, clip in enumerate(video, start=offset):
             generator = keyed_generator(self.config.seed, _CROP_STREAM, micro_batch, position)
-            t0, y0, x0 = (
-                int(torch.randint(0, limit + 1, (1,), generator=generator))
-                for limit in (frames - crop_t, height - crop_h, width - crop_w)
+            crops.append(
+                content_crop(clip, (crop_t, crop_h, crop_w), data.crop_candidates, generator)
             )
-            crops.append(clip[:, t0 : t0 + crop_t, y0 : y0 + crop_h, x0 : x0 + crop_w])
         return torch.stack(crops)
 
     # ------------------------------------------------------------------ state
