@@ -19,7 +19,6 @@ def test_demo_runs_every_stage_and_reuses_finished_ones(tmp_path):
         val_fraction=0.25,
         tae_recipe="debug",
         tae_time_budget_s=1.0,
-        tae_low_res_size=16,
         stats_clips=8,
         t2v_recipe="debug",
         t2v_time_budget_s=1.0,
@@ -41,7 +40,6 @@ def test_demo_runs_every_stage_and_reuses_finished_ones(tmp_path):
     assert 0.0 <= summary["score"]["all_correct_rate"] <= 1.0
     assert len(summary["timings_s"]) == 9
     assert any("prompt adherence on 144 captions" in line for line in lines)
-    # Progressive TAE training: the 16 px phase, then the same run resumed at 32 px.
     tae_config = json.loads((config.out / "tae" / "config.json").read_text())
     assert tae_config["data"]["size"] == 32
 
@@ -49,10 +47,3 @@ def test_demo_runs_every_stage_and_reuses_finished_ones(tmp_path):
     run_demo(config, log=again.append)
     reused = [line for line in again if "reusing" in line]
     assert len(reused) == 5  # data, TAE, precompute, transformer, samples
-
-
-def test_demo_config_rejects_bad_progressive_settings():
-    with pytest.raises(ValueError, match="tae_low_res_fraction"):
-        DemoConfig(tae_low_res_fraction=1.0)
-    with pytest.raises(ValueError, match="tae_low_res_size"):
-        DemoConfig(size=64, tae_low_res_size=64)
