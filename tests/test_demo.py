@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -47,3 +48,9 @@ def test_demo_runs_every_stage_and_reuses_finished_ones(tmp_path):
     run_demo(config, log=again.append)
     reused = [line for line in again if "reusing" in line]
     assert len(reused) == 5  # data, TAE, precompute, transformer, samples
+
+    # A new transformer budget retrains the transformer on the same latents.
+    third: list[str] = []
+    run_demo(replace(config, t2v_time_budget_s=2.0), log=third.append)
+    reused = {line.split("] ")[1].split(":")[0] for line in third if "reusing" in line}
+    assert reused == {"shapes dataset", "TAE training + latent stats", "precompute"}

@@ -197,10 +197,10 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str
         **data_params,
         "recipe": config.tae_recipe,
         "budget": config.tae_time_budget_s,
+        "stats_clips": config.stats_clips,  # the latent statistics are part of this stage
     }
     t2v_params = {
         **tae_params,
-        "stats_clips": config.stats_clips,
         "t2v_recipe": config.t2v_recipe,
         "t2v_budget": config.t2v_time_budget_s,
     }
@@ -257,7 +257,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str
     reconstruction = stages.run(
         "TAE reconstruction", None, {}, lambda: _reconstruct(config, tae_run, data_dir)
     )
-    stages.run("precompute", latents, t2v_params, make_latents)
+    stages.run("precompute", latents, tae_params, make_latents)
     stages.run("transformer training", t2v_run, t2v_params, train_t2v)
     sampled = stages.run(
         "sampling 144 captions", samples, sample_params, lambda: _sample(config, t2v_run, samples)
