@@ -50,3 +50,25 @@ def real_data_dir() -> Path:
     if not path.is_dir() or not any(path.glob("*.mp4")):
         pytest.skip(f"real clips not found at {path} (set {REAL_DATA_ENV})")
     return path
+
+
+def save_random_tae_run(run: Path, train_manifest: Path) -> Path:
+    """Save a randomly initialised debug TAE as a run folder, with latent statistics
+    measured on ``train_manifest``, for tests that need latents but no trained TAE."""
+    import torch
+
+    from moviegen.config import config_to_dict
+    from moviegen.tae.checkpoint import TAE_KIND
+    from moviegen.tae.model import TAE, tae_recipe
+    from moviegen.tae.stats import store_latent_stats
+    from moviegen.train.checkpoint import CheckpointManager
+
+    torch.manual_seed(0)
+    config = tae_recipe("debug")
+    CheckpointManager(run).save(
+        0,
+        model_state=TAE(config).state_dict(),
+        metadata={"kind": TAE_KIND, "config": {"model": config_to_dict(config)}},
+    )
+    store_latent_stats(run, train_manifest, progress=False)
+    return run

@@ -22,14 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from moviegen.config import config_to_dict
+from conftest import save_random_tae_run
 from moviegen.data.precompute import PrecomputeConfig, precompute
 from moviegen.data.shapes import generate_shapes_dataset
 from moviegen.distributed.checkpoint import read_checkpoint, resolve_checkpoint
 from moviegen.pipeline.sample import load_t2v
-from moviegen.tae.checkpoint import TAE_KIND, load_tae
-from moviegen.tae.model import TAE, tae_recipe
-from moviegen.tae.stats import store_latent_stats
+from moviegen.tae.checkpoint import load_tae
 from moviegen.text import TextEncoderConfig
 from moviegen.train.checkpoint import CheckpointManager
 from moviegen.train.distributed_run import RunEnv, run_env, torchrun_env
@@ -123,15 +121,7 @@ def shapes_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory, shapes_data) -> Path:
     """Precomputed latents of a random debug TAE (with latent statistics)."""
-    tae_run = tmp_path_factory.mktemp("tae")
-    torch.manual_seed(0)
-    config = tae_recipe("debug")
-    CheckpointManager(tae_run).save(
-        0,
-        model_state=TAE(config).state_dict(),
-        metadata={"kind": TAE_KIND, "config": {"model": config_to_dict(config)}},
-    )
-    store_latent_stats(tae_run, shapes_data / "train.jsonl", progress=False)
+    tae_run = save_random_tae_run(tmp_path_factory.mktemp("tae"), shapes_data / "train.jsonl")
     out = tmp_path_factory.mktemp("latents")
     config = PrecomputeConfig(
         tae=str(tae_run), data=str(shapes_data / "train.jsonl"), size=SIZE, num_frames=FRAMES,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import save_random_tae_run
 from moviegen.cli import USAGE_ERROR, main
 from moviegen.config import config_to_dict
 from moviegen.data.precompute import (
@@ -28,7 +29,6 @@ from moviegen.pipeline.sample import (
 )
 from moviegen.tae.checkpoint import TAE_KIND
 from moviegen.tae.model import TAE, tae_recipe
-from moviegen.tae.stats import store_latent_stats
 from moviegen.text import TextEncoderConfig
 from moviegen.train.checkpoint import CheckpointManager
 from moviegen.train.logging import read_scalars
@@ -51,16 +51,7 @@ def shapes_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tae_run(tmp_path_factory, shapes_data):
     """A random debug TAE saved as a run, with latent statistics."""
-    run = tmp_path_factory.mktemp("tae")
-    torch.manual_seed(0)
-    config = tae_recipe("debug")
-    CheckpointManager(run).save(
-        0,
-        model_state=TAE(config).state_dict(),
-        metadata={"kind": TAE_KIND, "config": {"model": config_to_dict(config)}},
-    )
-    store_latent_stats(run, shapes_data / "train.jsonl", progress=False)
-    return run
+    return save_random_tae_run(tmp_path_factory.mktemp("tae"), shapes_data / "train.jsonl")
 
 
 @pytest.fixture(scope="module")
