@@ -11,8 +11,10 @@ and back (MOVIEGEN.md section 1):
 - three stride-2 temporal convolutions downsample time by 8; the decoder
   upsamples time by nearest-neighbour repetition followed by a convolution,
   with separate weights for the two copies of a frame (see TemporalUpsample);
-- normalisation is per frame (GroupNorm over ``(C, H, W)`` of one frame), so no
-  statistic mixes frames;
+- normalisation is per frame (GroupNorm over ``(C, H, W)`` of one frame) or,
+  with ``norm="pixel"``, per pixel (RMS over channels), so no statistic mixes
+  frames; optional residual shortcuts (``residual_shortcuts``) wrap every
+  down/upsampling and the bottleneck in parameter-free pooling/upsampling paths;
 - the encoder sees the video in independent temporal chunks of
   ``encoder_chunk_frames`` (32 by default, the paper's non-overlapping encoder
   tile), so encoding tile by tile equals encoding the whole clip, and training
