@@ -160,6 +160,19 @@ class ResumableTraining:
 
     # ------------------------------------------------------------------ one process
 
+    def save(self, *, final: bool = False) -> Path:
+        """Checkpoint this step (every rank calls it when distributed); the
+        trainer's ``_metadata()`` goes into the checkpoint."""
+        if self.dcp is not None:
+            return self._save_distributed(self._metadata(), final=final)
+        return self.checkpoints.save(
+            self.step,
+            model_state=self.model.state_dict(),
+            ema_state=self.ema.shadow_state_dict() if self.ema is not None else None,
+            train_state=self._train_state(),
+            metadata=self._metadata(),
+        )
+
     def _train_state(self) -> dict[str, Any]:
         state = {
             "step": self.step,

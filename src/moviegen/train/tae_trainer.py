@@ -375,18 +375,6 @@ class TAETrainer(ResumableTraining):
     def _metadata(self) -> dict:
         return {"kind": TAE_KIND, "config": config_to_dict(self.config)}
 
-    def save(self, *, final: bool = False) -> Path:
-        """Checkpoint this step (every rank calls it when distributed)."""
-        if self.dcp is not None:
-            return self._save_distributed(self._metadata(), final=final)
-        return self.checkpoints.save(
-            self.step,
-            model_state=self.model.state_dict(),
-            ema_state=self.ema.shadow_state_dict() if self.ema is not None else None,
-            train_state=self._train_state(),
-            metadata=self._metadata(),
-        )
-
     def _check_saved_config(self, saved: dict, path: Path) -> None:
         if saved.get("model") != config_to_dict(self.config)["model"]:
             raise ValueError(
