@@ -392,6 +392,44 @@ def test_single_process_round_trip(tmp_path):
     assert all(torch.count_nonzero(t) == 0 for t in shadow_copy.values())
 
 
+def test_optimizer_state_of_parameters_without_gradients_round_trips(tmp_path):
+    """A parameter no step reached has no Adam state yet; the checkpoint still
+    loads into a fresh optimizer, and training goes on exactly as without the
+    save (the filled state is what the first gradient would have created)."""
+
+    def build() -> tuple[nn.Sequential, torch.optim.AdamW]:
+        model = _make_model(MODEL_SEED, layers=4)  # the last Linear is never used
+        return model, torch.optim.AdamW(model.parameters(), lr=LR)
+
+    def step(model: nn.Sequential, optimizer: torch.optim.Optimizer, seed: int, *, full: bool):
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(BATCH, IN_DIM, generator=generator)
+        y = torch.randn(BATCH, OUT_DIM, generator=generator)
+        out = model(x) if full else model[:3](x)
+        F.mse_loss(out, y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    model, optimizer = build()
+    step(model, optimizer, 0, full=False)
+    unused = model[-1].weight
+    assert not optimizer.state.get(unused)
+    ckpt = DistributedCheckpointer(tmp_path)
+    ckpt.save(1, {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer)})
+
+    fresh_model, fresh_optimizer = build()
+    ckpt.load(
+        {
+            "model": ModelState(fresh_model),
+            "optimizer": OptimizerState(fresh_model, fresh_optimizer),
+        }
+    )
+    for seed in (1, 2):  # now every layer gets gradients
+        step(model, optimizer, seed, full=True)
+        step(fresh_model, fresh_optimizer, seed, full=True)
+    _assert_same(dict(fresh_model.state_dict()), dict(model.state_dict()))
+
+
 def test_keep_last_and_async_single_process(tmp_path):
     trainer = _build_trainer(model_seed=MODEL_SEED, data_seed=DATA_SEED)
     ckpt = DistributedCheckpointer(tmp_path, keep_last=KEEP_LAST)

@@ -170,6 +170,7 @@ __all__ = [
     "RNGState",
     "StateCallbacks",
     "export_consolidated",
+    "fill_lazy_optimizer_state",
     "read_checkpoint",
     "resolve_checkpoint",
 ]
@@ -233,12 +234,47 @@ class ModelState(Stateful):
         return self.state_dict()
 
 
+def fill_lazy_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter without optimizer state the state its first step would create.
+
+    A parameter that has never had a gradient (e.g. a temporal layer that
+    one-frame latents never reach) has no Adam state. A fresh optimizer being
+    loaded from DCP expects state for *every* parameter (``set_optimizer_state_dict``
+    initialises all of them first), so such a checkpoint would not load. The
+    state made here is the optimizer's own lazy initialisation (zero moments,
+    step 0): exactly what the first real gradient would have created, so
+    training is unchanged.
+    """
+    init_group = getattr(optimizer, "_init_group", None)
+    if init_group is None:  # not an Adam-family optimizer: nothing lazy to fill
+        return
+    for group in optimizer.param_groups:
+        missing = [
+            param
+            for param in group["params"]
+            if param.requires_grad and param.grad is None and not optimizer.state.get(param)
+        ]
+        if not missing:
+            continue
+        for param in missing:
+            param.grad = torch.zeros_like(param)
+        try:
+            # Only the state is wanted; the lists it fills are dropped.
+            init_group(group, [], [], [], [], [], [])
+        finally:
+            for param in missing:
+                param.grad = None
+
+
 class OptimizerState(Stateful):
     """An optimizer of a plain or FSDP2-sharded module as DCP state.
 
     Uses ``get_optimizer_state_dict`` / ``set_optimizer_state_dict``, which key
     the state by parameter name (not position) and initialise a fresh
     optimizer's state before a load, so a new optimizer can be loaded into.
+    Saving first gives parameters that never had a gradient their (empty)
+    initial state (:func:`fill_lazy_optimizer_state`), so that such a load
+    finds state for every parameter.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
@@ -246,6 +282,7 @@ class OptimizerState(Stateful):
         self.optimizer = optimizer
 
     def state_dict(self) -> dict[str, Any]:
+        fill_lazy_optimizer_state(self.optimizer)
         return get_optimizer_state_dict(self.model, self.optimizer)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

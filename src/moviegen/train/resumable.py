@@ -86,38 +86,6 @@ def keyed_generator(*key: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def _fill_lazy_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Give every parameter without optimizer state the state its first step would create.
-
-    A parameter that has never had a gradient (e.g. a temporal layer that
-    one-frame latents never reach) has no Adam state. A fresh optimizer being
-    loaded from DCP expects state for *every* parameter (``set_optimizer_state_dict``
-    initialises all of them first), so such a checkpoint would not load. The
-    state made here is the optimizer's own lazy initialisation (zero moments,
-    step 0): exactly what the first real gradient would have created, so
-    training is unchanged.
-    """
-    init_group = getattr(optimizer, "_init_group", None)
-    if init_group is None:  # not an Adam-family optimizer: nothing lazy to fill
-        return
-    for group in optimizer.param_groups:
-        missing = [
-            param
-            for param in group["params"]
-            if param.requires_grad and param.grad is None and not optimizer.state.get(param)
-        ]
-        if not missing:
-            continue
-        for param in missing:
-            param.grad = torch.zeros_like(param)
-        try:
-            # Only the state is wanted; the lists it fills are dropped.
-            init_group(group, [], [], [], [], [], [])
-        finally:
-            for param in missing:
-                param.grad = None
-
-
 class StateDictNames:
     """A module's parameters and buffers under their ``state_dict()`` names.
 
@@ -301,16 +269,11 @@ class ResumableTraining:
         is set; with ``async_checkpoint`` of the previous one, once committed.
         """
         from moviegen.config import config_to_dict
-        from moviegen.distributed.checkpoint import OptimizerState
 
         previous = self.dcp.wait()  # commits a pending async save
         if previous is not None and self.config.export_every_checkpoint:
             self._consolidate(previous, metadata)
-        state = self._dcp_state()
-        for entry in state.values():
-            if isinstance(entry, OptimizerState):
-                _fill_lazy_optimizer_state(entry.optimizer)
-        folder = self.dcp.save(self.step, state, config=config_to_dict(self.config))
+        folder = self.dcp.save(self.step, self._dcp_state(), config=config_to_dict(self.config))
         if (final or self.config.export_every_checkpoint) and not self.dcp.is_pending:
             self._consolidate(folder, metadata)
         return folder
