@@ -234,6 +234,7 @@ class ModelState(Stateful):
         return self.state_dict()
 
 
+@torch.no_grad()
 def fill_lazy_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Give every parameter without optimizer state the state its first step would create.
 

@@ -85,7 +85,6 @@ def keyed_generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
-@torch.no_grad()
 class StateDictNames:
     """A module's parameters and buffers under their ``state_dict()`` names.
 
