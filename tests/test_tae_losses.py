@@ -23,6 +23,7 @@ from moviegen.tae.losses import (
     kl_divergence,
     l1_reconstruction,
     outlier_penalty_loss,
+    spatial_gradient_loss,
 )
 
 LATENT_CHANNELS = 8
@@ -171,6 +172,43 @@ def test_l1_reconstruction():
     prediction = target.clone()
     prediction[..., :2] = 0.4  # half the elements off by 0.4
     assert l1_reconstruction(prediction, target).item() == pytest.approx(0.2)
+
+
+def test_spatial_gradient_loss_charges_blur_not_offsets():
+    # A vertical edge: columns 0-3 at -1, columns 4-7 at +1.
+    sharp = torch.full((1, 3, 2, 8, 8), -1.0)
+    sharp[..., 4:] = 1.0
+    # A constant error has no gradient: nothing to charge.
+    assert spatial_gradient_loss(sharp + 0.3, sharp).item() == pytest.approx(0.0, abs=1e-7)
+    # Blurring the step over two pixel differences (-1, 0, +1): the width
+    # differences are off by -1 and +1 where the target has one step of 2, in one
+    # of 7 difference columns, each of the 8 rows: mean |.| = 2 / 7.
+    blurred = sharp.clone()
+    blurred[..., 3] = 0.0
+    assert spatial_gradient_loss(blurred, sharp).item() == pytest.approx(2 / 7)
+    # The same blur across the other axis costs the same.
+    assert spatial_gradient_loss(
+        blurred.transpose(-1, -2), sharp.transpose(-1, -2)
+    ).item() == pytest.approx(2 / 7)
+    with pytest.raises(ValueError, match="2x2"):
+        spatial_gradient_loss(torch.zeros(1, 3, 1, 1, 8), torch.zeros(1, 3, 1, 1, 8))
+    with pytest.raises(ValueError, match="shapes differ"):
+        spatial_gradient_loss(torch.zeros(1, 3, 1, 4, 4), torch.zeros(1, 3, 1, 4, 5))
+
+
+def test_gradient_weight_enters_the_total():
+    video = torch.rand(1, 3, 2, 8, 8) * 2 - 1
+    reconstruction = video + 0.1 * torch.randn_like(video)
+    mean = logvar = torch.zeros(1, 16, 1, 1, 1)
+    plain = TAELoss(TAELossConfig(l1_weight=1.0))
+    sharp = TAELoss(TAELossConfig(l1_weight=1.0, gradient_weight=0.5))
+    total_plain, _ = plain.generator_loss(video, reconstruction, mean, logvar, mean, step=0)
+    total_sharp, logs = sharp.generator_loss(video, reconstruction, mean, logvar, mean, step=0)
+    expected = spatial_gradient_loss(reconstruction, video).item()
+    assert logs["loss/gradient"] == pytest.approx(expected)
+    assert total_sharp.item() == pytest.approx(total_plain.item() + 0.5 * expected, rel=1e-6)
+    with pytest.raises(ValueError, match="gradient_weight"):
+        TAELossConfig(gradient_weight=-1.0)
 
 
 # --- Perceptual ---------------------------------------------------------------------
