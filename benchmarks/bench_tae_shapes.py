@@ -19,6 +19,8 @@ Usage::
         --variant lr4e-3=lr=4e-3 [--clips 48] [--threads 2] [--out /tmp/tae_shapes] [--json]
 
 ``--variant NAME=KEY=VALUE[,KEY=VALUE...]`` (``NAME=`` for the plain recipe).
+``--run NAME=RUN_FOLDER`` evaluates an already trained TAE run instead (no
+training; its ``train s`` column is empty), e.g. ``--run demo=runs/demo/tae``.
 """
 
 from __future__ import annotations
@@ -78,14 +80,24 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("runs/demo/data/shapes"))
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--variant", action="append", default=[], help="NAME=KEY=VALUE,...")
+    parser.add_argument(
+        "--run", action="append", default=[], help="NAME=RUN_FOLDER: evaluate, do not train"
+    )
     parser.add_argument("--clips", type=int, default=48, help="held-out clips evaluated")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_tae_shapes"))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    variants = [parse_variant(text) for text in args.variant or ["base="]]
+    runs = [text.rpartition("=")[::2] for text in args.run]  # names may hold "="
+    if any(not name or not folder for name, folder in runs):
+        raise SystemExit(f"--run needs NAME=RUN_FOLDER, got {args.run}")
+    variants = [parse_variant(text) for text in args.variant or ([] if runs else ["base="])]
     results = []
+    for name, folder in runs:
+        result = {"variant": name, "overrides": [f"run {folder}"], "train_s": None}
+        result.update(evaluate(Path(folder), args.data / "val.jsonl", args.clips))
+        results.append(result)
     for name, overrides in variants:
         config = resolve_config(
             "cpu",
@@ -99,17 +111,16 @@ def main() -> None:
         result = {"variant": name, "overrides": overrides, "train_s": seconds}
         result.update(evaluate(run, args.data / "val.jsonl", args.clips))
         results.append(result)
-    print(f"cpu TAE recipe, {args.steps} steps, {args.threads} threads; scorer on reconstructions")
+    trained = f"variants: cpu TAE recipe, {args.steps} steps, " if variants else ""
+    print(f"{trained}{args.threads} threads; scorer on {args.clips} reconstructed held-out clips")
     print("| variant | overrides | train s | PSNR dB | colour | shape | size | direction | all |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for result in results:
         score = result["scorer_on_reconstructions"]
         cells = " | ".join(f"{score[key]:.0%}" for key in ATTRIBUTES)
         overrides = ", ".join(result["overrides"]) or "(recipe)"
-        print(
-            f"| {result['variant']} | {overrides} | {result['train_s']:.0f} | "
-            f"{result['psnr']:.2f} | {cells} |"
-        )
+        seconds = "" if result["train_s"] is None else f"{result['train_s']:.0f}"
+        print(f"| {result['variant']} | {overrides} | {seconds} | {result['psnr']:.2f} | {cells} |")
     if args.json:
         print(json.dumps(results))
 

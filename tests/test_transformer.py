@@ -101,6 +101,27 @@ def test_position_embedding_is_laid_out_t_h_w():
                 assert torch.equal(positions[(t * 2 + h) * 5 + w], expected), (t, h, w)
 
 
+def test_sincos_position_init_tells_every_token_apart():
+    config = dataclasses.replace(debug_config(), dim=48, max_latent_frames=4, max_latent_height=8)
+    table = MovieGenTransformer(config).position_embed
+    grid = (4, 4, 4)
+    positions = table(grid)  # (64, 48)
+    distances = torch.cdist(positions, positions)
+    off_diagonal = distances[~torch.eye(len(positions), dtype=torch.bool)]
+    assert off_diagonal.min() > 0.1  # no two tokens start at the same position
+    # Each axis lives in its own third of the channels: (t, h) != (h, t).
+    for axis, values in enumerate((table.frames, table.rows, table.columns)):
+        third = slice(16 * axis, 16 * (axis + 1))
+        assert values[:, third].abs().sum() > 0
+        assert torch.count_nonzero(values) == torch.count_nonzero(values[:, third])
+    # Still learnable, and the plain option keeps small noise.
+    assert table.rows.requires_grad
+    noise = MovieGenTransformer(dataclasses.replace(config, position_init="normal")).position_embed
+    assert 0.005 < noise.rows.std() < 0.03
+    with pytest.raises(ValueError, match="position_init"):
+        dataclasses.replace(config, position_init="rope")
+
+
 def test_patch_tokens_follow_t_h_w_order(model):
     x = inputs(2, 2, 4, 6)[0]
     tokens = model.patch_embed(x)

@@ -214,11 +214,20 @@ class _FullTensorRandomInit(TorchDispatchMode):
     tensor would, so a seeded ``init_weights()`` gives the same parameters
     sharded or not. (DTensor's own random ops give shard-dependent streams on
     CUDA and per-rank duplicates on CPU: neither equals an unsharded init.)
-    Works at the aten level, so every ``nn.init`` function is covered.
+    Works at the aten level, so every ``nn.init`` function is covered; a plain
+    tensor copied into a sharded one (``param.copy_(full)``) also keeps its shard.
     """
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if (
+            func is torch.ops.aten.copy_.default
+            and isinstance(args[0], DTensor)
+            and not isinstance(args[1], DTensor)
+        ):
+            # A whole tensor copied into a sharded one (e.g. a computed table):
+            # keep this rank's shard of it.
+            return self._keep_shard(args[0], args[1])
         is_random = torch.Tag.nondeterministic_seeded in func.tags
         if not is_random or not any(isinstance(arg, DTensor) for arg in args):
             return func(*args, **kwargs)
@@ -230,6 +239,12 @@ class _FullTensorRandomInit(TorchDispatchMode):
             )
         full = torch.empty(target.shape, dtype=target.dtype, device=target.device)
         func(full, *args[1:], **kwargs)
+        return self._keep_shard(target, full)
+
+    @staticmethod
+    def _keep_shard(target: DTensor, full: torch.Tensor) -> DTensor:
+        """Copy this rank's shard of the unsharded ``full`` into ``target``."""
+        full = full.to(device=target.device, dtype=target.dtype)
         # src_data_rank=None: every rank slices its own copy, no communication.
         shard = distribute_tensor(
             full, target.device_mesh, target.placements, src_data_rank=None

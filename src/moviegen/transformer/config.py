@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 __all__ = ["TRANSFORMER_RECIPES", "TransformerConfig", "num_video_tokens", "transformer_recipe"]
 
@@ -52,6 +53,11 @@ class TransformerConfig:
     max_latent_height: int = 16  # latent rows (pixel rows / 8)
     max_latent_width: int = 16  # latent columns (pixel columns / 8)
     qk_norm: bool = False  # RMSNorm on queries and keys per head (not in the paper)
+    # Initial values of the (learnable) position tables: "sincos" gives each
+    # axis sinusoids of its index in its own third of the width, so tokens know
+    # where they are from step 0; "normal" is small noise the model must first
+    # learn to tell apart (see PositionEmbed.init_weights).
+    position_init: Literal["sincos", "normal"] = "sincos"
     norm_eps: float = 1e-6  # epsilon of every RMSNorm
     timestep_embed_dim: int = 256  # width of the sinusoidal timestep features
 
@@ -74,6 +80,10 @@ class TransformerConfig:
             raise ValueError(
                 f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads}); "
                 f"e.g. num_heads={max(1, self.dim // 128)} gives head dim 128"
+            )
+        if self.position_init not in ("sincos", "normal"):
+            raise ValueError(
+                f"position_init must be 'sincos' or 'normal', got {self.position_init!r}"
             )
         if self.timestep_embed_dim % 2:
             raise ValueError(

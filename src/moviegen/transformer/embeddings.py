@@ -17,8 +17,14 @@ from moviegen.transformer.config import TransformerConfig
 
 __all__ = ["PatchEmbed", "PositionEmbed", "TimestepEmbed", "timestep_features"]
 
-# Standard deviation of the learnable position tables and of the timestep MLP.
+# Standard deviation of the learnable position tables ("normal" init) and of
+# the timestep MLP.
 EMBED_INIT_STD = 0.02
+# "sincos" position init: the slowest sinusoid's period, in table rows, and the
+# amplitude (the tables are added at every block, so they start below the
+# unit-scale patch embedding).
+POSITION_MAX_PERIOD = 100.0
+POSITION_INIT_SCALE = 0.5
 # t in [0, 1] is stretched to [0, 1000] before the sinusoids, so their
 # frequencies resolve the small steps of a 1000-step grid (as in DDPM/DiT).
 TIMESTEP_SCALE = 1000.0
@@ -61,14 +67,35 @@ class PositionEmbed(nn.Module):
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
+        self.init_kind = config.position_init
         rows_t, rows_h, rows_w = config.position_table_sizes
         self.frames = nn.Parameter(torch.empty(rows_t, config.dim))
         self.rows = nn.Parameter(torch.empty(rows_h, config.dim))
         self.columns = nn.Parameter(torch.empty(rows_w, config.dim))
 
     def init_weights(self) -> None:
-        for table in (self.frames, self.rows, self.columns):
-            trunc_normal(table, EMBED_INIT_STD)
+        """``"normal"``: truncated normal noise. ``"sincos"``: table ``a`` of the
+        three (frames, rows, columns) holds sinusoids of the row index in the
+        ``a``-th third of the channels and zeros elsewhere, so the sum of the
+        three tells every ``(t, h, w)`` apart (summing the same sinusoids in all
+        channels would confuse ``(t, h)`` with ``(h, t)``)."""
+        tables = (self.frames, self.rows, self.columns)
+        if self.init_kind == "normal":
+            for table in tables:
+                trunc_normal(table, EMBED_INIT_STD)
+            return
+        dim = self.frames.shape[1]
+        bounds = [round(dim * k / len(tables)) for k in range(len(tables) + 1)]
+        with torch.no_grad():
+            for axis, table in enumerate(tables):
+                start, stop = bounds[axis], bounds[axis + 1]
+                rows = torch.arange(table.shape[0], dtype=torch.float32)
+                full = torch.zeros(table.shape, dtype=torch.float32)
+                full[:, start:stop] = POSITION_INIT_SCALE * sinusoids(
+                    rows, stop - start, POSITION_MAX_PERIOD
+                )
+                # One copy of the whole table (a sharded table takes its shard).
+                table.copy_(full.to(device=table.device, dtype=table.dtype))
 
     def forward(self, grid: tuple[int, int, int]) -> torch.Tensor:
         """Position embedding ``(Tp * Hp * Wp, D)`` of a ``(Tp, Hp, Wp)`` token grid."""
@@ -79,6 +106,18 @@ class PositionEmbed(nn.Module):
             + self.columns[None, None, :num_w, :]  # (1, 1, Wp, D)
         )  # (Tp, Hp, Wp, D)
         return summed.flatten(0, 2)  # (N, D), (t, h, w) order
+
+
+def sinusoids(positions: torch.Tensor, num_features: int, max_period: float) -> torch.Tensor:
+    """``(N,)`` positions -> ``(N, num_features)``: cosines then sines at
+    geometrically spaced periods from 2 up to ``max_period`` (an odd
+    ``num_features`` gets one zero column)."""
+    half = num_features // 2
+    exponents = torch.arange(half, dtype=torch.float32) / max(half - 1, 1)
+    periods = 2.0 * (max_period / 2.0) ** exponents  # (F/2,)
+    angles = 2 * math.pi * positions[:, None].float() / periods[None, :]  # (N, F/2)
+    features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+    return F.pad(features, (0, num_features - 2 * half))
 
 
 def timestep_features(t: torch.Tensor, num_features: int) -> torch.Tensor:
