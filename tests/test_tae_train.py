@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 
@@ -70,6 +71,30 @@ def test_training_writes_a_complete_run(shapes_data, tmp_path):
     assert checkpoint.metadata["config"]["model"]["widths"] == [8, 8, 16, 16]
     tae = load_tae(run)
     assert isinstance(tae, TAE) and not tae.training
+
+
+@pytest.mark.parametrize("fit", [False, True])
+def test_schedule_fitted_to_the_time_budget_ends_inside_it(shapes_data, tmp_path, fit):
+    # 100000 steps cannot run in 3 s: only the fitted schedule decays.
+    config = debug_config(
+        shapes_data,
+        steps=100_000,
+        time_budget_s=3.0,
+        fit_schedule_to_budget=fit,
+        val_every=100_000,
+        checkpoint_every=100_000,
+        log_every=1,
+    )
+    run = tmp_path / f"fit_{fit}"
+    TAETrainer(config, run, progress=False).train()
+    rates = [lr for _, lr in read_scalars(run / "scalars.csv")["train/lr"]]
+    assert len(rates) < 100_000  # the budget stopped it
+    if fit:
+        assert rates[-1] < 0.2 * config.lr  # near the floor (min_lr_ratio 0.05)
+        decay = rates[config.warmup_steps :]
+        assert all(a >= b for a, b in itertools.pairwise(decay))  # never back up
+    else:
+        assert rates[-1] > 0.99 * config.lr  # barely past warmup
 
 
 def test_resume_is_exact(shapes_data, tmp_path):

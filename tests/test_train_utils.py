@@ -15,7 +15,7 @@ from torch import nn
 from moviegen.train.ema import EMA, warmup_decay
 from moviegen.train.logging import ScalarLogger, plot_curves, read_scalars
 from moviegen.train.rng import capture_rng_state, restore_rng_state
-from moviegen.train.schedule import build_scheduler, lr_lambda
+from moviegen.train.schedule import budget_position, build_scheduler, lr_lambda
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -161,6 +161,18 @@ def test_constant_schedule_and_no_warmup():
     assert fn(0) == pytest.approx(0.2)
     assert [fn(step) for step in (4, 10, 1000)] == [1.0, 1.0, 1.0]
     assert lr_lambda("cosine", warmup_steps=0, total_steps=10)(0) == 1.0
+
+
+def test_budget_position():
+    # On pace or ahead: the step itself.
+    assert budget_position(30, 100, seconds=20.0, budget_s=100.0) == 30
+    # Behind: half the budget spent after 10 of 100 steps -> the schedule's middle.
+    assert budget_position(10, 100, seconds=50.0, budget_s=100.0) == 50
+    # Budget spent: the schedule's end, never beyond it.
+    assert budget_position(10, 100, seconds=250.0, budget_s=100.0) == 100
+    assert budget_position(120, 100, seconds=250.0, budget_s=100.0) == 120
+    with pytest.raises(ValueError, match="budget_s"):
+        budget_position(1, 10, seconds=1.0, budget_s=0.0)
 
 
 def test_schedule_validation():

@@ -40,6 +40,7 @@ __all__ = [
     "average_gradients",
     "barrier",
     "distributed_run",
+    "max_over_ranks",
     "run_env",
     "torchrun_env",
 ]
@@ -180,6 +181,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([int(flag)], dtype=torch.int64, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def max_over_ranks(value: float, device: torch.device) -> float:
+    """The largest ``value`` over all ranks (``value`` in one process)."""
+    if not _distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
 
 
 @torch.no_grad()

@@ -125,6 +125,27 @@ class ResumableTraining:
     :class:`~moviegen.train.checkpoint.CheckpointManager` for ``run_dir``) and,
     when distributed, ``dcp`` (from :meth:`_make_dcp_checkpointer`) attributes."""
 
+    # ------------------------------------------------------------------ schedule
+
+    def _step_scheduler(self) -> None:
+        """Advance the LR schedule by one step. With ``fit_schedule_to_budget``
+        and a ``time_budget_s``, jump ahead to :func:`budget_position` when the
+        budget is being spent faster than the steps, so the schedule still ends
+        when the budget stops the run (a slower machine gets a shorter, complete
+        schedule rather than a cut-off one). The clock is the slowest rank's, so
+        every rank uses the same rate. Runs with a budget are then not
+        bit-reproducible (their rates depend on time)."""
+        from moviegen.train.distributed_run import max_over_ranks
+        from moviegen.train.schedule import budget_position
+
+        config = self.config
+        if config.fit_schedule_to_budget and config.time_budget_s is not None:
+            seconds = max_over_ranks(self.train_seconds, self.device)
+            # The scheduler has taken `step` steps; LambdaLR.step() moves to last_epoch + 1.
+            position = budget_position(self.step, config.steps, seconds, config.time_budget_s)
+            self.scheduler.last_epoch = max(self.scheduler.last_epoch, position - 1)
+        self.scheduler.step()
+
     # ------------------------------------------------------------------ one process
 
     def save(self, *, final: bool = False) -> Path:

@@ -22,7 +22,13 @@ from typing import Literal
 
 import torch
 
-__all__ = ["DEFAULT_MIN_LR_RATIO", "ScheduleKind", "build_scheduler", "lr_lambda"]
+__all__ = [
+    "DEFAULT_MIN_LR_RATIO",
+    "ScheduleKind",
+    "budget_position",
+    "build_scheduler",
+    "lr_lambda",
+]
 
 ScheduleKind = Literal["cosine", "constant"]
 _KINDS: tuple[str, ...] = ("cosine", "constant")
@@ -94,3 +100,15 @@ def build_scheduler(
         kind, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def budget_position(step: int, total_steps: int, seconds: float, budget_s: float) -> int:
+    """Where a schedule over ``total_steps`` should be after ``step`` steps and
+    ``seconds`` of a ``budget_s`` time budget: at ``step``, or further on when
+    the budget runs out before the steps do, so that the schedule ends (e.g.
+    the cosine reaches its floor) when the budget does. Never past ``total_steps``.
+    """
+    if budget_s <= 0:
+        raise ValueError(f"budget_s must be positive, got {budget_s}")
+    by_time = math.floor(total_steps * min(1.0, seconds / budget_s))
+    return max(step, by_time) if step < total_steps else step

@@ -116,6 +116,9 @@ class T2VTrainConfig:
     latents: str = ""  # precompute folder (`moviegen precompute`); required
     steps: int = 5000  # optimizer steps
     time_budget_s: float | None = None  # stop (and checkpoint) after this much training time
+    # With a time budget: move the LR schedule ahead when the budget would stop
+    # the run before `steps`, so the schedule completes inside the budget.
+    fit_schedule_to_budget: bool = False
     batch_size: int = 32  # global samples per micro-batch (every bucket), split over data ranks
     lr: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.95)
@@ -442,7 +445,7 @@ class T2VTrainer(ResumableTraining):
         if config.grad_clip > 0:
             logs["train/grad_norm"] = self._clip_gradients()
         self.optimizer.step()
-        self.scheduler.step()
+        self._step_scheduler()
         if self.ema is not None:
             self.ema.update(self.ema_view)
         logs["train/lr"] = self.scheduler.get_last_lr()[0]

@@ -111,6 +111,9 @@ class TAETrainConfig:
     data: TAEDataConfig = field(default_factory=TAEDataConfig)
     steps: int = 2000  # optimizer steps
     time_budget_s: float | None = None  # stop (and checkpoint) after this much training time
+    # With a time budget: move the LR schedule ahead when the budget would stop
+    # the run before `steps`, so the schedule completes inside the budget.
+    fit_schedule_to_budget: bool = False
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
@@ -455,7 +458,7 @@ class TAETrainer(ResumableTraining):
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
             logs["train/grad_norm"] = float(norm)
         self.optimizer.step()
-        self.scheduler.step()
+        self._step_scheduler()
         if self.ema is not None:
             self.ema.update(self.model)
         logs["train/lr"] = self.scheduler.get_last_lr()[0]
