@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from bench_tae_shapes import parse_variant  # same --variant syntax
 from moviegen.data.shapes import canonical_captions
 from moviegen.eval.shapes_score import score_samples
 from moviegen.pipeline.sample import SamplingOptions, TextToVideoPipeline, sample_to_folder
@@ -41,13 +42,6 @@ ATTRIBUTES = ("colour", "shape", "size", "direction")
 SAMPLE_BATCH = 48
 # The demo's clips: 16 frames of 64x64 at 8 fps.
 NUM_FRAMES, SIZE, FPS = 16, 64, 8
-
-
-def parse_variant(text: str) -> tuple[str, list[str]]:
-    name, _, overrides = text.partition("=")
-    if not name:
-        raise SystemExit(f"--variant needs NAME=OVERRIDES, got {text!r}")
-    return name, [item for item in overrides.split(",") if item]
 
 
 def train(latents: Path, run: Path, overrides: list[str], seed: int) -> dict:

@@ -88,8 +88,8 @@ __all__ = ["T2VTrainConfig", "T2VTrainer", "resolve_t2v_config", "t2v_train_reci
 SAMPLE_GRID_COLUMNS = 4
 SAMPLE_TILE_PIXELS = 128
 SAMPLE_FPS = 8
-# Steps of the ``tiny`` recipe: what 2 CPU cores train in about 4 minutes (the
-# demo's transformer budget), so that its cosine schedule ends inside it.
+# Steps of the ``tiny`` recipe: what 2 CPU cores train in about 3.5 minutes
+# (the demo's transformer budget; the demo also fits the schedule to the budget).
 TINY_RECIPE_STEPS = 680
 # Streams of keyed_generator((seed, stream, micro_batch[, sample])): one per
 # kind of randomness, so that changing one never shifts another.
