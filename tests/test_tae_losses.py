@@ -380,6 +380,7 @@ def test_tae_loss_opl_counts_only_after_start_step():
         "loss/total",
         "loss/l1",
         "loss/l2",
+        "loss/gradient",
         "loss/kl",
         "loss/opl",
         "loss/perceptual",

@@ -749,7 +749,7 @@ class TAELoss(nn.Module):
 
         Returns:
             ``(total, logs)``: the scalar to backpropagate and float logs under
-            ``loss/total``, ``loss/l1``, ``loss/kl``, ``loss/opl``,
+            ``loss/total``, ``loss/l1``, ``loss/l2``, ``loss/gradient``, ``loss/kl``, ``loss/opl``,
             ``loss/perceptual``, ``loss/gan_g`` and ``gan/weight``. ``loss/opl`` is
             logged even before it counts, to watch latent dots appear.
         """
