@@ -46,7 +46,9 @@ from moviegen.train.checkpoint import (
     TRAIN_STATE_FILENAME,
     Checkpoint,
 )
+from moviegen.train.distributed_run import any_rank, max_over_ranks
 from moviegen.train.rng import capture_rng_state, restore_rng_state
+from moviegen.train.schedule import budget_position
 
 __all__ = [
     "DCP_DIRNAME",
@@ -135,9 +137,6 @@ class ResumableTraining:
         schedule rather than a cut-off one). The clock is the slowest rank's, so
         every rank uses the same rate. Runs with a budget are then not
         bit-reproducible (their rates depend on time)."""
-        from moviegen.train.distributed_run import max_over_ranks
-        from moviegen.train.schedule import budget_position
-
         config = self.config
         if config.fit_schedule_to_budget and config.time_budget_s is not None:
             seconds = max_over_ranks(self.train_seconds, self.device)
@@ -265,8 +264,6 @@ class ResumableTraining:
         trained with an incompatible config (names or shapes that differ make
         the load itself raise, on every rank alike).
         """
-        from moviegen.train.distributed_run import any_rank
-
         info = self.dcp.load(self._dcp_state())
         if info is None:
             single = self.checkpoints.latest()

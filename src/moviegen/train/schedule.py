@@ -111,4 +111,4 @@ def budget_position(step: int, total_steps: int, seconds: float, budget_s: float
     if budget_s <= 0:
         raise ValueError(f"budget_s must be positive, got {budget_s}")
     by_time = math.floor(total_steps * min(1.0, seconds / budget_s))
-    return max(step, by_time) if step < total_steps else step
+    return max(step, by_time)  # by_time <= total_steps
