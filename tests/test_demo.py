@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from moviegen.cli import USAGE_ERROR, main
 from moviegen.pipeline.demo import DemoConfig, run_demo
 
 
@@ -19,10 +20,12 @@ def test_demo_runs_every_stage_and_reuses_finished_ones(tmp_path):
         num_frames=8,
         val_fraction=0.25,
         tae_recipe="debug",
-        tae_time_budget_s=1.0,
         stats_clips=8,
         t2v_recipe="debug",
-        t2v_time_budget_s=1.0,
+        t2v_time_budget_s=60.0,
+        t2v_steps=3,  # the step counts, not the budgets, end these runs
+        tae_steps=4,
+        tae_time_budget_s=60.0,
         sample_steps=2,
     )
     lines: list[str] = []
@@ -43,14 +46,41 @@ def test_demo_runs_every_stage_and_reuses_finished_ones(tmp_path):
     assert any("prompt adherence on 144 captions" in line for line in lines)
     tae_config = json.loads((config.out / "tae" / "config.json").read_text())
     assert tae_config["data"]["size"] == 32
+    assert tae_config["steps"] == 4
+    t2v_config = json.loads((config.out / "t2v" / "config.json").read_text())
+    assert t2v_config["steps"] == 3
+    assert (config.out / "t2v" / "checkpoints" / "step_00000003").is_dir()
 
     again: list[str] = []
     run_demo(config, log=again.append)
     reused = [line for line in again if "reusing" in line]
     assert len(reused) == 5  # data, TAE, precompute, transformer, samples
 
-    # A new transformer budget retrains the transformer on the same latents.
+    # New transformer steps retrain the transformer on the same latents.
     third: list[str] = []
-    run_demo(replace(config, t2v_time_budget_s=2.0), log=third.append)
+    run_demo(replace(config, t2v_steps=4), log=third.append)
     reused = {line.split("] ")[1].split(":")[0] for line in third if "reusing" in line}
     assert reused == {"shapes dataset", "TAE training + latent stats", "precompute"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tae_time_budget_s", 0.0),
+        ("t2v_time_budget_s", -1.0),
+        ("tae_steps", 0),
+        ("t2v_steps", -5),
+        ("sample_steps", 0),
+        ("cfg_scale", 0.0),
+    ],
+)
+def test_demo_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        DemoConfig(**{field: value})
+
+
+def test_cli_demo_reports_bad_options_before_doing_anything(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--t2v-steps", "0"]) == USAGE_ERROR
+    assert "t2v_steps must be at least 1" in capsys.readouterr().err
+    assert not out.exists()

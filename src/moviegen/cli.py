@@ -346,7 +346,21 @@ def _plan(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from moviegen.pipeline.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=Path(args.out), fresh=args.fresh))
+    options = {
+        "tae_time_budget_s": args.tae_budget,
+        "tae_steps": args.tae_steps,
+        "t2v_time_budget_s": args.t2v_budget,
+        "t2v_steps": args.t2v_steps,
+        "sample_steps": args.sample_steps,
+        "cfg_scale": args.cfg,
+    }
+    # Options left out keep the 15-minute defaults; bad values raise ValueError.
+    config = DemoConfig(
+        out=Path(args.out),
+        fresh=args.fresh,
+        **{key: value for key, value in options.items() if value is not None},
+    )
+    run_demo(config)
     return 0
 
 
@@ -535,6 +549,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo = verbs.add_parser("demo", help="the built-in end-to-end demo on the shapes data")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--fresh", action="store_true", help="start over, reuse nothing")
+    demo.add_argument("--tae-budget", type=float, help="TAE training seconds (default 360)")
+    demo.add_argument(
+        "--tae-steps", type=int, help="TAE steps, the cosine's length (default: the recipe's 820)"
+    )
+    demo.add_argument(
+        "--t2v-budget", type=float, help="transformer training seconds (default 200)"
+    )
+    demo.add_argument(
+        "--t2v-steps", type=int, help="transformer steps (default: the recipe's 680)"
+    )
+    demo.add_argument("--sample-steps", type=int, help="solver steps per video (default 30)")
+    demo.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 7.5)")
     demo.set_defaults(run=_demo)
     return parser
 

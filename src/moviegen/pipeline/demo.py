@@ -77,14 +77,30 @@ class DemoConfig:
     # fewer steps but still ends its cosine. With the other stages' ~200 s and
     # the ~100 s install this keeps `make demo` under 15 minutes on 2 cores.
     tae_time_budget_s: float = 360.0
+    # Optimizer steps (the cosine's length); None: the recipe's. Raising them
+    # with the budgets trades time for quality (docs/BENCHMARKS.md: the TAE
+    # keeps every small shape after 2000 steps, 820 in the recipe).
+    tae_steps: int | None = None
     stats_clips: int = 128  # clips the latent statistics are measured on
     t2v_recipe: str = "tiny"  # transformer training recipe
     t2v_time_budget_s: float = 200.0
+    t2v_steps: int | None = None  # None: the recipe's
     # Fewer than the paper's 50: measured on the demo model, 30 steps score the
     # same (27.8% vs 28.5% all correct) in 60% of the solver time.
     sample_steps: int = 30
     cfg_scale: float = 7.5
     fresh: bool = False  # start over instead of reusing finished stages
+
+    def __post_init__(self) -> None:
+        for name in ("tae_time_budget_s", "t2v_time_budget_s", "cfg_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("tae_steps", "t2v_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or None for the recipe's), got {value}")
+        if self.sample_steps < 1:
+            raise ValueError(f"sample_steps must be at least 1, got {self.sample_steps}")
 
 
 class _Stages:
@@ -146,6 +162,10 @@ def _reconstruct(config: DemoConfig, run: Path, data_dir: Path) -> dict[str, Any
     return {"gif": str(gif), "psnr": report.psnr, "ssim": report.ssim}
 
 
+def _steps_override(steps: int | None) -> list[str]:
+    return [] if steps is None else [f"steps={steps}"]
+
+
 def _sample(config: DemoConfig, t2v_run: Path, samples: Path) -> dict[str, Any]:
     pipeline = TextToVideoPipeline.from_checkpoint(t2v_run)
     options = SamplingOptions(
@@ -202,12 +222,14 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str
         **data_params,
         "recipe": config.tae_recipe,
         "budget": config.tae_time_budget_s,
+        "tae_steps": config.tae_steps,
         "stats_clips": config.stats_clips,  # the latent statistics are part of this stage
     }
     t2v_params = {
         **tae_params,
         "t2v_recipe": config.t2v_recipe,
         "t2v_budget": config.t2v_time_budget_s,
+        "t2v_steps": config.t2v_steps,
     }
     sample_params = {**t2v_params, "steps": config.sample_steps, "cfg": config.cfg_scale}
 
@@ -228,7 +250,11 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str
             train=str(data_dir / "train.jsonl"),
             val=str(data_dir / "val.jsonl"),
             size=config.size,
-            overrides=[f"time_budget_s={config.tae_time_budget_s}", "fit_schedule_to_budget=true"],
+            overrides=[
+                f"time_budget_s={config.tae_time_budget_s}",
+                "fit_schedule_to_budget=true",
+                *_steps_override(config.tae_steps),
+            ],
         )
         logs = TAETrainer(tae_config, tae_run).train()
         store_latent_stats(tae_run, data_dir / "train.jsonl", max_clips=config.stats_clips)
@@ -255,6 +281,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str
                 f"time_budget_s={config.t2v_time_budget_s}",
                 "fit_schedule_to_budget=true",
                 f"seed={config.seed}",
+                *_steps_override(config.t2v_steps),
             ],
         )
         logs = T2VTrainer(t2v_config, t2v_run).train()
