@@ -98,7 +98,9 @@ class DemoConfig:
         for name in ("tae_steps", "t2v_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1 (or None for the recipe's), got {value}")
+                raise ValueError(
+                    f"{name} must be at least 1 (or None for the recipe's), got {value}"
+                )
         if self.sample_steps < 1:
             raise ValueError(f"sample_steps must be at least 1, got {self.sample_steps}")
 
