@@ -97,6 +97,30 @@ def test_schedule_fitted_to_the_time_budget_ends_inside_it(shapes_data, tmp_path
         assert rates[-1] > 0.99 * config.lr  # barely past warmup
 
 
+def test_fitted_schedule_keeps_the_whole_warmup(shapes_data, tmp_path):
+    # A 2 s budget for 100000 steps puts the time position far ahead from the
+    # first step; the warmup must still ramp step by step, as without fitting.
+    rates = {}
+    for fit in (False, True):
+        config = debug_config(
+            shapes_data,
+            steps=100_000,
+            warmup_steps=6,
+            time_budget_s=2.0,
+            fit_schedule_to_budget=fit,
+            val_every=100_000,
+            checkpoint_every=100_000,
+            log_every=1,
+        )
+        run = tmp_path / f"fit_{fit}"
+        TAETrainer(config, run, progress=False).train()
+        rates[fit] = [lr for _, lr in read_scalars(run / "scalars.csv")["train/lr"]]
+    assert min(len(rates[False]), len(rates[True])) > 6  # the runs got past the warmup
+    assert rates[True][:5] == pytest.approx(rates[False][:5])
+    assert all(a < b for a, b in itertools.pairwise(rates[True][:5]))
+    assert rates[True][-1] < 0.2 * config.lr  # and the fitted schedule still decays
+
+
 def test_resume_is_exact(shapes_data, tmp_path):
     straight = tmp_path / "straight"
     TAETrainer(debug_config(shapes_data), straight, progress=False).train()

@@ -175,6 +175,15 @@ def test_budget_position():
         budget_position(1, 10, seconds=1.0, budget_s=0.0)
 
 
+def test_budget_position_never_shortens_the_warmup():
+    # Far behind the budget, but inside the 20 warmup steps: the step itself.
+    for step in range(20):
+        assert budget_position(step, 100, seconds=90.0, budget_s=100.0, warmup_steps=20) == step
+    # After the warmup the budget moves the schedule on as before.
+    assert budget_position(20, 100, seconds=90.0, budget_s=100.0, warmup_steps=20) == 90
+    assert budget_position(30, 100, seconds=20.0, budget_s=100.0, warmup_steps=20) == 30
+
+
 def test_schedule_validation():
     with pytest.raises(ValueError, match="kind"):
         lr_lambda("linear", warmup_steps=0, total_steps=10)

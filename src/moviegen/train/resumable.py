@@ -141,7 +141,13 @@ class ResumableTraining:
         if config.fit_schedule_to_budget and config.time_budget_s is not None:
             seconds = max_over_ranks(self.train_seconds, self.device)
             # The scheduler has taken `step` steps; LambdaLR.step() moves to last_epoch + 1.
-            position = budget_position(self.step, config.steps, seconds, config.time_budget_s)
+            position = budget_position(
+                self.step,
+                config.steps,
+                seconds,
+                config.time_budget_s,
+                warmup_steps=config.warmup_steps,
+            )
             self.scheduler.last_epoch = max(self.scheduler.last_epoch, position - 1)
         self.scheduler.step()
 

@@ -102,13 +102,23 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def budget_position(step: int, total_steps: int, seconds: float, budget_s: float) -> int:
+def budget_position(
+    step: int, total_steps: int, seconds: float, budget_s: float, *, warmup_steps: int = 0
+) -> int:
     """Where a schedule over ``total_steps`` should be after ``step`` steps and
     ``seconds`` of a ``budget_s`` time budget: at ``step``, or further on when
     the budget runs out before the steps do, so that the schedule ends (e.g.
     the cosine reaches its floor) when the budget does. Never past ``total_steps``.
+
+    The first ``warmup_steps`` are never skipped: the warmup protects the first
+    updates, which are counted in steps, not seconds. (Measured: a TAE run whose
+    start-up and slower steps pulled the position ahead reached the peak rate
+    at step 45 instead of 100, and ended 3 dB below the same recipe warmed up
+    in full; docs/BENCHMARKS.md.)
     """
     if budget_s <= 0:
         raise ValueError(f"budget_s must be positive, got {budget_s}")
+    if step < warmup_steps:
+        return step
     by_time = math.floor(total_steps * min(1.0, seconds / budget_s))
     return max(step, by_time)  # by_time <= total_steps
