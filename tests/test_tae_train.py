@@ -73,21 +73,27 @@ def test_training_writes_a_complete_run(shapes_data, tmp_path):
     assert isinstance(tae, TAE) and not tae.training
 
 
-@pytest.mark.parametrize("fit", [False, True])
-def test_schedule_fitted_to_the_time_budget_ends_inside_it(shapes_data, tmp_path, fit):
-    # 100000 steps cannot run in 3 s: only the fitted schedule decays.
+def budget_run_rates(shapes_data, run, *, fit: bool, budget_s: float, **overrides):
+    """Train the debug TAE for 100000 steps under a time budget (which stops
+    it long before); the config and the logged learning rate of every step."""
     config = debug_config(
         shapes_data,
         steps=100_000,
-        time_budget_s=3.0,
+        time_budget_s=budget_s,
         fit_schedule_to_budget=fit,
         val_every=100_000,
         checkpoint_every=100_000,
         log_every=1,
+        **overrides,
     )
-    run = tmp_path / f"fit_{fit}"
     TAETrainer(config, run, progress=False).train()
-    rates = [lr for _, lr in read_scalars(run / "scalars.csv")["train/lr"]]
+    return config, [lr for _, lr in read_scalars(run / "scalars.csv")["train/lr"]]
+
+
+@pytest.mark.parametrize("fit", [False, True])
+def test_schedule_fitted_to_the_time_budget_ends_inside_it(shapes_data, tmp_path, fit):
+    # 100000 steps cannot run in 3 s: only the fitted schedule decays.
+    config, rates = budget_run_rates(shapes_data, tmp_path / "run", fit=fit, budget_s=3.0)
     assert len(rates) < 100_000  # the budget stopped it
     if fit:
         assert rates[-1] < 0.2 * config.lr  # near the floor (min_lr_ratio 0.05)
@@ -102,19 +108,9 @@ def test_fitted_schedule_keeps_the_whole_warmup(shapes_data, tmp_path):
     # first step; the warmup must still ramp step by step, as without fitting.
     rates = {}
     for fit in (False, True):
-        config = debug_config(
-            shapes_data,
-            steps=100_000,
-            warmup_steps=6,
-            time_budget_s=2.0,
-            fit_schedule_to_budget=fit,
-            val_every=100_000,
-            checkpoint_every=100_000,
-            log_every=1,
+        config, rates[fit] = budget_run_rates(
+            shapes_data, tmp_path / f"fit_{fit}", fit=fit, budget_s=2.0, warmup_steps=6
         )
-        run = tmp_path / f"fit_{fit}"
-        TAETrainer(config, run, progress=False).train()
-        rates[fit] = [lr for _, lr in read_scalars(run / "scalars.csv")["train/lr"]]
     assert min(len(rates[False]), len(rates[True])) > 6  # the runs got past the warmup
     assert rates[True][:5] == pytest.approx(rates[False][:5])
     assert all(a < b for a, b in itertools.pairwise(rates[True][:5]))
