@@ -154,7 +154,8 @@ class MovieGenTransformer(nn.Module):
         output projections and the final projection. Truncated normal (std
         0.02, depth-scaled for residual outputs) for the other block linears,
         normal for the timestep MLP, sinusoids (or normal, see
-        ``position_init``) for the position tables, Xavier for the patch embedding. Safe after ``to_empty()`` on a model built on ``meta``.
+        ``position_init``) for the position tables, Xavier for the patch
+        embedding. Safe after ``to_empty()`` on a model built on ``meta``.
         """
         self.patch_embed.init_weights()
         self.position_embed.init_weights()
