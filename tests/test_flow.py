@@ -520,6 +520,51 @@ def test_cfg_drives_a_solver():
     torch.testing.assert_close(out, x0 + v_uncond + 4.0 * (v_cond - v_uncond), rtol=0, atol=1e-12)
 
 
+def test_cfg_interval_guides_inside_and_is_conditional_only_outside():
+    cond, uncond = make_conditions()
+    x = randn(4, 3, seed=5)
+    scale, interval = 4.0, (0.2, 0.6)
+    model = ConditionalModel()
+    plain = ClassifierFreeGuidance(model, cond, uncond, scale, concat=concat_dicts)
+    limited = ClassifierFreeGuidance(
+        model, cond, uncond, scale, concat=concat_dicts, interval=interval
+    )
+    # Per sample: the times 0.2 and 0.6 are inside (closed interval), 0.1 and 0.9 not.
+    t = torch.tensor([0.1, 0.2, 0.6, 0.9], dtype=torch.float64)
+    out = limited(x, t)
+    torch.testing.assert_close(out[1:3], plain(x, t)[1:3], rtol=0, atol=1e-12)
+    torch.testing.assert_close(out[[0, 3]], model(x, t, cond)[[0, 3]], rtol=0, atol=1e-12)
+
+    # A step wholly outside the interval evaluates the conditional branch only.
+    never_uncond = ConditionalModel(forbidden=uncond)
+    limited = ClassifierFreeGuidance(never_uncond, cond, uncond, scale, interval=interval)
+    late = torch.full((4,), 0.8, dtype=torch.float64)
+    assert torch.equal(limited(x, late), never_uncond(x, late, cond))
+    assert never_uncond.batch_sizes == [4, 4]
+    assert "t in [0.2, 0.6]" in repr(limited)
+
+
+def test_cfg_interval_drives_a_solver():
+    # Constant velocities, uniform grid of 10 steps: the 4 steps starting at
+    # t = 0.0 .. 0.3 are guided, the other 6 move with the conditional velocity.
+    v_cond, v_uncond = randn(2, 3, seed=1), randn(2, 3, seed=2)
+    model = lambda x, t, cond: cond.expand_as(x)  # noqa: E731
+    guided = ClassifierFreeGuidance(
+        model, v_cond, v_uncond, 4.0, concat=lambda c, u: torch.cat([c, u]), interval=(0, 0.35)
+    )
+    x0 = randn(2, 3, seed=3)
+    out = solve(guided, x0, torch.linspace(0, 1, 11, dtype=torch.float64))
+    expected = x0 + 0.4 * (v_uncond + 4.0 * (v_cond - v_uncond)) + 0.6 * v_cond
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("interval", [(0.5, 0.4), (-0.1, 0.5), (0.2, 1.5), (0.1,), "ab"])
+def test_cfg_interval_rejects_bad_bounds(interval):
+    cond, uncond = make_conditions()
+    with pytest.raises(ValueError, match="guidance interval"):
+        ClassifierFreeGuidance(ConditionalModel(), cond, uncond, 3.0, interval=interval)
+
+
 def test_cfg_rejects_bad_input():
     cond, uncond = make_conditions()
     model = ConditionalModel()

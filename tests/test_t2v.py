@@ -261,6 +261,24 @@ def test_gradient_accumulation_matches_one_big_batch(latents, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_logit_normal_location_and_spread_reach_the_trainer(latents, tmp_path):
+    config = t2v_config(latents, timestep_mean=1.5, timestep_std=0.5)
+    trainer = T2VTrainer(config, tmp_path / "run", progress=False)
+    t = trainer.t_sampler(20_000, generator=torch.Generator().manual_seed(0))
+    median = torch.sigmoid(torch.tensor(1.5)).item()
+    assert abs(t.median().item() - median) < 0.01
+    # std 0.5 in logit space: the middle 68% of draws span sigmoid(1.5 -+ 0.5).
+    low, high = torch.quantile(t, torch.tensor([0.1587, 0.8413])).tolist()
+    assert abs(low - torch.sigmoid(torch.tensor(1.0)).item()) < 0.01
+    assert abs(high - torch.sigmoid(torch.tensor(2.0)).item()) < 0.01
+    for bad, message in (
+        (dict(timestep_std=0.0), "std"),
+        (dict(timestep_mean=float("nan")), "mean"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            t2v_config(latents, **bad)
+
+
 def test_resume_with_another_model_is_refused(latents, t2v_run):
     config = t2v_config(latents, model=replace(transformer_recipe("debug"), num_layers=3))
     with pytest.raises(ValueError, match="another transformer config"):
@@ -283,6 +301,22 @@ def test_same_seed_same_video_and_independent_of_batching(t2v_run):
     np.testing.assert_allclose(alone.astype(int), batched[1].astype(int), atol=1)
     other = pipeline(["a small red circle moving left"], seeds=[6], options=options)[0]
     assert np.abs(other.astype(int) - alone.astype(int)).mean() > 0
+
+
+def test_guidance_interval_outside_every_step_is_conditional_sampling(t2v_run):
+    pipeline = TextToVideoPipeline.from_checkpoint(t2v_run)
+    options = SamplingOptions(num_frames=FRAMES, height=SIZE, width=SIZE, steps=4, cfg_scale=5.0)
+    prompt, seed = ["a small red circle moving left"], [3]
+    guided = pipeline(prompt, seeds=seed, options=options)[0]
+    # Euler evaluates the velocity at the start of each step, never at t = 1.
+    never = pipeline(prompt, seeds=seed, options=replace(options, cfg_interval=(1.0, 1.0)))[0]
+    conditional = pipeline(prompt, seeds=seed, options=replace(options, cfg_scale=1.0))[0]
+    whole = pipeline(prompt, seeds=seed, options=replace(options, cfg_interval=(0.0, 1.0)))[0]
+    np.testing.assert_array_equal(never, conditional)
+    np.testing.assert_array_equal(whole, guided)
+    assert np.abs(guided.astype(int) - conditional.astype(int)).mean() > 0
+    with pytest.raises(ValueError, match="guidance interval"):
+        replace(options, cfg_interval=(0.6, 0.2))
 
 
 def test_sample_to_folder_writes_prompts_index(t2v_run, tmp_path):

@@ -16,6 +16,7 @@ from moviegen.tae.model import (
     level_frame_counts,
     pool_shortcut,
     tae_recipe,
+    temporal_conv,
     upsample_shortcut,
 )
 from moviegen.tae.tiling import blend_weights, decode_tiled, tile_starts
@@ -207,6 +208,22 @@ def test_shortcuts_carry_a_constant_colour_through_the_untrained_bottleneck():
             outputs[shortcuts] = [model.encode_moments(v)[:, :16] for v in (dark, bright)]
     torch.testing.assert_close(outputs[False][0], outputs[False][1], msg="no shortcut: blind")
     assert not torch.allclose(outputs[True][0], outputs[True][1]), "shortcut carries colour"
+
+
+@pytest.mark.parametrize("frames", [1, 2, 5, 8])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_temporal_conv_equals_a_3d_convolution_of_the_replicate_padded_video(frames, stride):
+    torch.manual_seed(frames)
+    conv = torch.nn.Conv3d(6, 4, (3, 1, 1), stride=(stride, 1, 1))
+    video = torch.randn(2, 6, frames, 5, 7).contiguous(memory_format=torch.channels_last_3d)
+    padded = torch.cat([video[:, :, :1], video, video[:, :, -1:]], dim=2)  # replicate in time
+    out = temporal_conv(video, conv)
+    torch.testing.assert_close(out, conv(padded), rtol=1e-5, atol=1e-5)
+    assert out.shape[2] == math.ceil(frames / stride)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    # Gradients reach the input and the Conv3d's own weights.
+    out.square().sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
 
 
 def test_pixel_norm_is_rms_over_channels_and_local_to_each_pixel():

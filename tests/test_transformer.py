@@ -220,6 +220,56 @@ def test_sample_without_text_is_finite_and_ignores_context(model):
     torch.testing.assert_close(out[:1], alone, atol=1e-5, rtol=1e-5)
 
 
+# ----------------------------------------------------------------------------- pooled text
+
+
+def test_pooled_text_starts_as_a_no_op_and_adds_mean_text_to_the_timestep_embedding():
+    plain = perturbed_model()
+    torch.manual_seed(1)
+    pooled = MovieGenTransformer(debug_config(pooled_text=True)).eval()
+    loaded = pooled.load_state_dict(plain.state_dict(), strict=False)
+    assert {key.split(".")[0] for key in loaded.missing_keys} == {"text_pool"}
+    assert not loaded.unexpected_keys
+    x, t, context, mask = inputs(2, 2, 4, 4)
+    no_keys = torch.zeros_like(mask)
+    with torch.no_grad():
+        # Zero-initialised output layer: the same model as without the option.
+        torch.testing.assert_close(pooled(x, t, context, mask), plain(x, t, context, mask))
+
+        pool = pooled.text_pool
+        pool.fc2.weight.normal_(std=0.1)
+        mean = context.mean(dim=1)  # every token real
+        expected = pool.fc2(torch.nn.functional.silu(pool.fc1(mean)))
+        torch.testing.assert_close(pool(context, mask), expected)
+        # Through the modulation the caption reaches the output even where
+        # cross-attention has no keys, i.e. contributes nothing.
+        torch.testing.assert_close(plain(x, t, context, no_keys), plain(x, t, 2 * context, no_keys))
+        embedding = pooled.timestep_embed(t) + pool(context, mask)
+        assert not torch.allclose(embedding, pooled.timestep_embed(t))
+        assert not torch.allclose(
+            pooled(x, t, context, mask), pooled(x, t, 2 * context, mask), atol=1e-4
+        )
+
+
+def test_pooled_text_ignores_padded_and_dropped_text():
+    model = perturbed_model(debug_config(pooled_text=True))
+    x, t, context, mask = inputs(2, 2, 4, 4)
+    padded = torch.cat([context, 100 * torch.randn(2, 3, 32)], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.text_pool(padded, padded_mask), model.text_pool(context, mask)
+        )
+        torch.testing.assert_close(
+            model(x, t, padded, padded_mask), model(x, t, context, mask), atol=1e-5, rtol=1e-5
+        )
+        # A dropped caption pools to zero: its vector is the MLP's "no caption".
+        dropped = torch.zeros_like(mask)
+        nothing = model.text_pool(torch.randn_like(context), dropped)
+        torch.testing.assert_close(nothing, model.text_pool(context, dropped))
+        torch.testing.assert_close(nothing, model.text_pool(torch.zeros_like(context), mask))
+
+
 def test_empty_masks_still_give_every_attention_a_key(model):
     # Some SDPA backends (and older PyTorch) return NaN for a query with no
     # key; the model must never ask them to, whatever the backend does.
@@ -499,7 +549,9 @@ def test_forward_flops_hand_count_for_debug():
     assert train_step_flops(config, n, m) == 3 * expected
 
 
-def test_forward_flops_match_pytorch_flop_counter(model):
+@pytest.mark.parametrize("pooled_text", [False, True])
+def test_forward_flops_match_pytorch_flop_counter(pooled_text):
+    model = perturbed_model(debug_config(pooled_text=pooled_text))
     config = model.config
     x, t, context, mask = inputs(1, 2, 4, 8, text=7)
     counter = FlopCounterMode(display=False)

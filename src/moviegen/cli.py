@@ -256,6 +256,7 @@ def _sample(args: argparse.Namespace) -> int:
         fps=args.fps,
         steps=args.steps,
         cfg_scale=args.cfg,
+        cfg_interval=tuple(args.cfg_interval),
         negative_prompt=args.negative_prompt,
         solver=args.solver,
     )
@@ -353,6 +354,7 @@ def _demo(args: argparse.Namespace) -> int:
         "t2v_steps": args.t2v_steps,
         "sample_steps": args.sample_steps,
         "cfg_scale": args.cfg,
+        "cfg_interval": None if args.cfg_interval is None else tuple(args.cfg_interval),
     }
     # Options left out keep the 15-minute defaults; bad values raise ValueError.
     config = DemoConfig(
@@ -488,6 +490,14 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--fps", type=float, default=8.0)
     sample.add_argument("--steps", type=int, default=50)
     sample.add_argument("--cfg", type=float, default=7.5, help="guidance scale")
+    sample.add_argument(
+        "--cfg-interval",
+        type=float,
+        nargs=2,
+        default=(0.0, 1.0),
+        metavar=("LO", "HI"),
+        help="guide only at flow times t in [LO, HI] (0 noise, 1 data); default 0 1",
+    )
     sample.add_argument("--negative-prompt", default="")
     sample.add_argument("--solver", default="euler", help="euler | heun")
     sample.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
@@ -557,6 +567,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--t2v-steps", type=int, help="transformer steps (default: the recipe's 680)")
     demo.add_argument("--sample-steps", type=int, help="solver steps per video (default 30)")
     demo.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 7.5)")
+    demo.add_argument(
+        "--cfg-interval",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="guide only at flow times in [LO, HI] (0 noise, 1 data)",
+    )
     demo.set_defaults(run=_demo)
     return parser
 

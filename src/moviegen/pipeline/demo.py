@@ -36,6 +36,7 @@ from moviegen.data.video_io import read_video, write_video
 from moviegen.eval.reconstruction import evaluate_tae
 from moviegen.eval.shapes_score import score_samples
 from moviegen.eval.visualize import clip_grid, contact_sheet
+from moviegen.flow.guidance import check_interval
 from moviegen.pipeline.sample import SamplingOptions, TextToVideoPipeline, sample_to_folder
 from moviegen.tae.checkpoint import load_tae
 from moviegen.tae.stats import store_latent_stats
@@ -89,6 +90,9 @@ class DemoConfig:
     # same (27.8% vs 28.5% all correct) in 60% of the solver time.
     sample_steps: int = 30
     cfg_scale: float = 7.5
+    # Flow times (0 noise, 1 data) at which guidance applies; see
+    # moviegen.flow.guidance.
+    cfg_interval: tuple[float, float] = (0.0, 1.0)
     fresh: bool = False  # start over instead of reusing finished stages
 
     def __post_init__(self) -> None:
@@ -103,6 +107,7 @@ class DemoConfig:
                 )
         if self.sample_steps < 1:
             raise ValueError(f"sample_steps must be at least 1, got {self.sample_steps}")
+        object.__setattr__(self, "cfg_interval", check_interval(self.cfg_interval))
 
 
 class _Stages:
@@ -177,6 +182,7 @@ def _sample(config: DemoConfig, t2v_run: Path, samples: Path) -> dict[str, Any]:
         fps=config.fps,
         steps=config.sample_steps,
         cfg_scale=config.cfg_scale,
+        cfg_interval=config.cfg_interval,
     )
     started = time.perf_counter()
     paths = sample_to_folder(
@@ -233,7 +239,12 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str
         "t2v_budget": config.t2v_time_budget_s,
         "t2v_steps": config.t2v_steps,
     }
-    sample_params = {**t2v_params, "steps": config.sample_steps, "cfg": config.cfg_scale}
+    sample_params = {
+        **t2v_params,
+        "steps": config.sample_steps,
+        "cfg": config.cfg_scale,
+        "cfg_interval": list(config.cfg_interval),
+    }
 
     def make_data():
         generate_shapes_dataset(

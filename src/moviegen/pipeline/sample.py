@@ -33,6 +33,7 @@ from moviegen.data.precompute import concat_text_features, repeat_text_features
 from moviegen.data.transforms import add_fps_prefix, to_uint8_frames
 from moviegen.data.video_io import write_video
 from moviegen.flow import ClassifierFreeGuidance, build_schedule, solve
+from moviegen.flow.guidance import check_interval
 from moviegen.tae.checkpoint import load_tae
 from moviegen.tae.model import TAE
 from moviegen.text import TextConditioner, TextEncoderConfig, TextFeatures, validate_prompt
@@ -68,6 +69,8 @@ class SamplingOptions:
     fps: float = 8.0  # conditioning rate (FPS prefix) and playback rate
     steps: int = 50  # solver steps
     cfg_scale: float = 7.5  # classifier-free guidance (1.0: conditional only)
+    # Guide only at flow times in [lo, hi] (0 = noise, 1 = data); conditional elsewhere.
+    cfg_interval: tuple[float, float] = (0.0, 1.0)
     schedule: str = "linear_quadratic"
     solver: str = "euler"
     negative_prompt: str = ""  # the unconditional branch of CFG
@@ -79,6 +82,7 @@ class SamplingOptions:
             raise ValueError(f"fps must be positive, got {self.fps}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        check_interval(self.cfg_interval)
 
 
 def latent_shape_for(
@@ -124,6 +128,7 @@ def generate_latents(
     seeds: Sequence[int],
     steps: int = 50,
     cfg_scale: float = 7.5,
+    cfg_interval: tuple[float, float] = (0.0, 1.0),
     schedule: str = "linear_quadratic",
     solver: str = "euler",
     progress: bool = False,
@@ -148,7 +153,12 @@ def generate_latents(
         return model(x, t, cond)
 
     guided = ClassifierFreeGuidance(
-        velocity, text, negative_text, cfg_scale, concat=concat_text_features
+        velocity,
+        text,
+        negative_text,
+        cfg_scale,
+        concat=concat_text_features,
+        interval=None if tuple(cfg_interval) == (0.0, 1.0) else tuple(cfg_interval),
     )
     grid = build_schedule(schedule, steps)  # float64 on the CPU; the solver casts t
     model.eval()
@@ -258,6 +268,7 @@ class TextToVideoPipeline:
             seeds=seeds,
             steps=options.steps,
             cfg_scale=options.cfg_scale,
+            cfg_interval=options.cfg_interval,
             schedule=options.schedule,
             solver=options.solver,
             progress=progress,

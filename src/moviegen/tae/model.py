@@ -153,6 +153,20 @@ def make_norm(config: TAEConfig, channels: int) -> nn.Module:
     return FrameGroupNorm(config.norm_groups, channels, eps=GROUPNORM_EPS)
 
 
+def temporal_conv(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+    """``conv`` (kernel ``(3, 1, 1)``) over time with replicate padding, ``(B, C, T, H, W)``.
+
+    Computed as a 2D convolution with kernel ``(3, 1)`` over ``(T, H * W)``:
+    the same numbers as ``conv`` on the padded input, but oneDNN runs it 3-4x
+    faster than the 3D convolution on CPU (benchmarks/bench_tae_speed.py). The
+    weights stay those of the ``nn.Conv3d``, so checkpoints do not change.
+    """
+    height, width = x.shape[-2:]
+    padded = F.pad(x, (0, 0, 0, 0, 1, 1), mode="replicate").flatten(3)  # (B, C, T + 2, H W)
+    y = F.conv2d(padded, conv.weight.squeeze(-1), conv.bias, stride=(conv.stride[0], 1))
+    return y.unflatten(3, (height, width)).contiguous(memory_format=torch.channels_last_3d)
+
+
 class TemporalConv(nn.Module):
     """Conv over time only, kernel ``(3, 1, 1)``, replicate padding, identity init."""
 
@@ -169,8 +183,7 @@ class TemporalConv(nn.Module):
                 nn.init.kaiming_uniform_(self.conv.weight[:, :, 1], a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W)
-        x = F.pad(x, (0, 0, 0, 0, 1, 1), mode="replicate")
-        return self.conv(x)
+        return temporal_conv(x, self.conv)
 
 
 class TemporalUpsample(nn.Module):
@@ -196,7 +209,7 @@ class TemporalUpsample(nn.Module):
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         """``(B, C, T, H, W)`` -> ``(B, C, num_frames, H, W)`` with ``num_frames <= 2T``."""
-        x = self.conv(F.pad(x, (0, 0, 0, 0, 1, 1), mode="replicate"))  # (B, 2C, T, H, W)
+        x = temporal_conv(x, self.conv)  # (B, 2C, T, H, W)
         x = rearrange(x, "b (two c) t h w -> b c (t two) h w", two=2)
         return x[:, :, :num_frames].contiguous(memory_format=torch.channels_last_3d)
 

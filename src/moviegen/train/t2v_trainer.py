@@ -50,7 +50,7 @@ from moviegen.data.transforms import strip_fps_prefix, to_uint8_frames
 from moviegen.data.video_io import write_video
 from moviegen.distributed.mesh import ParallelConfig
 from moviegen.eval.visualize import clip_grid
-from moviegen.flow import FlowPath, build_timestep_sampler
+from moviegen.flow import FlowPath, TimestepSampler, build_timestep_sampler
 from moviegen.flow.path import SIGMA_MIN
 from moviegen.pipeline.sample import T2V_KIND, generate_latents
 from moviegen.tae.checkpoint import load_tae
@@ -131,6 +131,10 @@ class T2VTrainConfig:
     ema_decay: float = 0.999  # 0 disables EMA
     caption_dropout: float = CAPTION_DROPOUT  # share of captions replaced by the empty prompt
     timestep_sampler: Literal["logit_normal", "uniform"] = "logit_normal"
+    # Logit-normal location and spread: t = sigmoid(mean + std * n); a positive
+    # mean trains more near the data end (t = 1), where fine detail is decided.
+    timestep_mean: float = 0.0
+    timestep_std: float = 1.0
     sigma_min: float = SIGMA_MIN
     num_t_buckets: int = 5  # the loss is also logged per t-bucket [k/n, (k+1)/n)
     log_every: int = 10
@@ -160,6 +164,15 @@ class T2VTrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        self.build_timestep_sampler()  # checks the sampler's name and parameters
+
+    def build_timestep_sampler(self) -> TimestepSampler:
+        """The training-time sampler of t this config describes."""
+        if self.timestep_sampler == "logit_normal":
+            return build_timestep_sampler(
+                self.timestep_sampler, mean=self.timestep_mean, std=self.timestep_std
+            )
+        return build_timestep_sampler(self.timestep_sampler)
 
 
 def t2v_train_recipe(name: str) -> T2VTrainConfig:
@@ -295,7 +308,7 @@ class T2VTrainer(ResumableTraining):
             EMA(self.ema_view, decay=config.ema_decay, warmup=True) if config.ema_decay else None
         )
         self.path = FlowPath(config.sigma_min)
-        self.t_sampler = build_timestep_sampler(config.timestep_sampler)
+        self.t_sampler = config.build_timestep_sampler()
         self.null_text = load_null_features(config.latents)
 
         spec = BucketSpec(

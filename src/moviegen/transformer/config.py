@@ -58,6 +58,10 @@ class TransformerConfig:
     # where they are from step 0; "normal" is small noise the model must first
     # learn to tell apart (see PositionEmbed.init_weights).
     position_init: Literal["sincos", "normal"] = "sincos"
+    # Add an MLP of the mean text token to the timestep embedding, so the
+    # caption also conditions every block's adaLN modulation (HunyuanVideo and
+    # SD3 do this with a pooled CLIP vector; the paper's model does not).
+    pooled_text: bool = False
     norm_eps: float = 1e-6  # epsilon of every RMSNorm
     timestep_embed_dim: int = 256  # width of the sinusoidal timestep features
 

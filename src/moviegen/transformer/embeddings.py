@@ -15,7 +15,7 @@ from torch import nn
 from moviegen.transformer.blocks import trunc_normal
 from moviegen.transformer.config import TransformerConfig
 
-__all__ = ["PatchEmbed", "PositionEmbed", "TimestepEmbed", "timestep_features"]
+__all__ = ["PatchEmbed", "PooledTextEmbed", "PositionEmbed", "TimestepEmbed", "timestep_features"]
 
 # Standard deviation of the learnable position tables ("normal" init) and of
 # the timestep MLP.
@@ -151,3 +151,34 @@ class TimestepEmbed(nn.Module):
         # Features in fp32 (bf16 cannot resolve 1000 * t), then the MLP's dtype.
         features = timestep_features(t, self.num_features).to(self.fc1.weight.dtype)
         return self.fc2(F.silu(self.fc1(features)))  # (B, D)
+
+
+class PooledTextEmbed(nn.Module):
+    """Text tokens ``(B, L, D)`` + mask ``(B, L)`` -> one vector ``(B, D)`` for adaLN.
+
+    The masked mean of the (already projected) text tokens -> Linear -> SiLU ->
+    Linear. The model adds it to the timestep embedding, so the caption reaches
+    every block's shift, scale and gate directly, as HunyuanVideo and SD3 feed
+    a pooled text embedding; cross-attention still reads the tokens. The last
+    layer starts at zero, so switching it on does not change an untrained
+    model. A sample without text (a dropped caption) pools to zero and gets
+    the MLP's learned vector of "no caption".
+    """
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.dim, config.dim)
+        self.fc2 = nn.Linear(config.dim, config.dim)
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.fc1.weight, std=EMBED_INIT_STD)
+        nn.init.zeros_(self.fc1.bias)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        # context: (B, L, D), context_mask: (B, L) bool
+        weights = context_mask.to(context.dtype)[..., None]  # (B, L, 1)
+        count = weights.sum(dim=1).clamp(min=1.0)  # (B, 1): no tokens -> a zero mean
+        pooled = (context * weights).sum(dim=1) / count  # (B, D)
+        return self.fc2(F.silu(self.fc1(pooled)))  # (B, D)

@@ -2,7 +2,7 @@
 
 Counting is ``2 m n k`` per ``(m, k) @ (k, n)`` product: every linear layer,
 the patch-embedding convolution, the attention score (``Q K^T``) and value
-(``P V``) products, and the timestep MLP. Elementwise work (norms, softmax,
+(``P V``) products, the timestep MLP and the optional pooled-text MLP. Elementwise work (norms, softmax,
 SiLU, modulation) is left out, as is any saving from masking: padded tokens
 cost as much as real ones.
 """
@@ -51,6 +51,8 @@ def forward_flops(config: TransformerConfig, num_video_tokens: int, num_text_tok
     embed = 2 * n * patch_features * d  # patch embedding
     head = 2 * n * d * patch_features  # final projection
     timestep = 2 * (config.timestep_embed_dim * d + d * d + d * NUM_MODULATIONS * d)
+    if config.pooled_text:
+        timestep += 2 * 2 * d * d  # the pooled-text MLP's two layers
     blocks = config.num_layers * layer_flops(config, num_video_tokens, num_text_tokens)
     return float(embed + head + timestep) + blocks
 

@@ -9,6 +9,8 @@ Timestep conditioning is adaLN-single (PixArt-alpha): sinusoidal features of
 ``1000 t`` -> MLP -> embedding ``e`` ``(B, D)`` -> ``Linear(SiLU(e))`` ``(B, 6 D)``,
 computed once and shared by every block, which adds its own ``(6, D)`` table.
 A per-block ``Linear(D, 6 D)`` would cost 10.9B parameters at 30B scale.
+With ``pooled_text`` (off in the paper's recipes) an MLP of the mean text
+token is added to ``e`` first, so the caption also sets the modulation.
 
 Masks (True = real):
 
@@ -43,7 +45,12 @@ from torch import nn
 
 from moviegen.transformer.blocks import NUM_MODULATIONS, TransformerBlock, modulate
 from moviegen.transformer.config import TransformerConfig
-from moviegen.transformer.embeddings import PatchEmbed, PositionEmbed, TimestepEmbed
+from moviegen.transformer.embeddings import (
+    PatchEmbed,
+    PooledTextEmbed,
+    PositionEmbed,
+    TimestepEmbed,
+)
 
 __all__ = ["COND_KEYS", "MovieGenTransformer", "SequenceSharding"]
 
@@ -125,7 +132,11 @@ class MovieGenTransformer(nn.Module):
     block_class: ClassVar[type[nn.Module]] = TransformerBlock
     # Submodules best kept in fp32 under mixed precision: their output sets the
     # scale and gate of every block, and bf16 rounding there shifts all of them.
-    fp32_modules: ClassVar[tuple[str, ...]] = ("timestep_embed", "timestep_modulation")
+    fp32_modules: ClassVar[tuple[str, ...]] = (
+        "timestep_embed",
+        "text_pool",
+        "timestep_modulation",
+    )
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -135,6 +146,8 @@ class MovieGenTransformer(nn.Module):
         self.patch_embed = PatchEmbed(config)
         self.position_embed = PositionEmbed(config)
         self.timestep_embed = TimestepEmbed(config)
+        # Optional global text conditioning, added to the timestep embedding.
+        self.text_pool = PooledTextEmbed(config) if config.pooled_text else None
         # adaLN-single: the one timestep -> (shift, scale, gate) x 2 projection.
         self.timestep_modulation = nn.Linear(config.dim, NUM_MODULATIONS * config.dim)
         self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
@@ -151,15 +164,18 @@ class MovieGenTransformer(nn.Module):
 
         Zero: the shared modulation projection, every block's modulation table
         (so all gates are 0 and all blocks the identity), the cross-attention
-        output projections and the final projection. Truncated normal (std
-        0.02, depth-scaled for residual outputs) for the other block linears,
-        normal for the timestep MLP, sinusoids (or normal, see
+        output projections, the final projection and the pooled-text MLP's
+        output layer. Truncated normal (std 0.02, depth-scaled for residual
+        outputs) for the other block linears, normal for the timestep and
+        pooled-text MLPs' other layers, sinusoids (or normal, see
         ``position_init``) for the position tables, Xavier for the patch
         embedding. Safe after ``to_empty()`` on a model built on ``meta``.
         """
         self.patch_embed.init_weights()
         self.position_embed.init_weights()
         self.timestep_embed.init_weights()
+        if self.text_pool is not None:
+            self.text_pool.init_weights()
         nn.init.zeros_(self.timestep_modulation.weight)
         nn.init.zeros_(self.timestep_modulation.bias)
         for block in self.blocks:
@@ -316,6 +332,8 @@ class MovieGenTransformer(nn.Module):
         positions = self.position_embed(grid).to(tokens.dtype)  # (N, D)
 
         embedding = self.timestep_embed(t)  # (B, D)
+        if self.text_pool is not None:
+            embedding = embedding + self.text_pool(context, context_mask)  # (B, D)
         modulation = self.timestep_modulation(F.silu(embedding))  # (B, 6 D)
         modulation = modulation.unflatten(1, (NUM_MODULATIONS, self.config.dim))  # (B, 6, D)
 
