@@ -62,6 +62,17 @@ def test_demo_runs_every_stage_and_reuses_finished_ones(tmp_path):
     reused = {line.split("] ")[1].split(":")[0] for line in third if "reusing" in line}
     assert reused == {"shapes dataset", "TAE training + latent stats", "precompute"}
 
+    # A new guidance interval samples again from the same transformer.
+    fourth: list[str] = []
+    run_demo(replace(config, t2v_steps=4, cfg_interval=(0.0, 0.5)), log=fourth.append)
+    reused = {line.split("] ")[1].split(":")[0] for line in fourth if "reusing" in line}
+    assert reused == {
+        "shapes dataset",
+        "TAE training + latent stats",
+        "precompute",
+        "transformer training",
+    }
+
 
 @pytest.mark.parametrize(
     ("field", "value"),
@@ -79,8 +90,15 @@ def test_demo_config_rejects_bad_values(field, value):
         DemoConfig(**{field: value})
 
 
+def test_demo_config_rejects_a_bad_guidance_interval():
+    with pytest.raises(ValueError, match="guidance interval"):
+        DemoConfig(cfg_interval=(0.7, 0.2))
+
+
 def test_cli_demo_reports_bad_options_before_doing_anything(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--t2v-steps", "0"]) == USAGE_ERROR
     assert "t2v_steps must be at least 1" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--cfg-interval", "0.9", "0.1"]) == USAGE_ERROR
+    assert "guidance interval" in capsys.readouterr().err
     assert not out.exists()

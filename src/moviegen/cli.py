@@ -559,14 +559,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = verbs.add_parser("demo", help="the built-in end-to-end demo on the shapes data")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--fresh", action="store_true", help="start over, reuse nothing")
-    demo.add_argument("--tae-budget", type=float, help="TAE training seconds (default 360)")
+    demo.add_argument("--tae-budget", type=float, help="TAE training seconds (default 300)")
     demo.add_argument(
-        "--tae-steps", type=int, help="TAE steps, the cosine's length (default: the recipe's 820)"
+        "--tae-steps", type=int, help="TAE steps, the cosine's length (default: the recipe's 1000)"
     )
-    demo.add_argument("--t2v-budget", type=float, help="transformer training seconds (default 200)")
-    demo.add_argument("--t2v-steps", type=int, help="transformer steps (default: the recipe's 680)")
+    demo.add_argument("--t2v-budget", type=float, help="transformer training seconds (default 260)")
+    demo.add_argument("--t2v-steps", type=int, help="transformer steps (default: the recipe's 860)")
     demo.add_argument("--sample-steps", type=int, help="solver steps per video (default 30)")
-    demo.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 7.5)")
+    demo.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 3)")
     demo.add_argument(
         "--cfg-interval",
         type=float,

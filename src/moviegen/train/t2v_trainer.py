@@ -199,6 +199,9 @@ def t2v_train_recipe(name: str) -> T2VTrainConfig:
         # more, smaller steps at a higher rate learn more (measured on the demo
         # latents, 1 thread each, docs/BENCHMARKS.md): batch 64 for 390 steps
         # at lr 1e-3 reached flow loss 0.269, batch 32 for 700 steps at 2e-3 0.220.
+        # Times drawn nearer the noise end (logit-normal location -0.5, median
+        # t = 0.38) decide layout, motion and kind earlier: 55% of the shapes
+        # captions all correct after 680 steps, against 47% at 0 and 19% at +0.5.
         return T2VTrainConfig(
             recipe=name,
             model=model,
@@ -206,6 +209,7 @@ def t2v_train_recipe(name: str) -> T2VTrainConfig:
             batch_size=32,
             steps=TINY_RECIPE_STEPS,
             warmup_steps=50,
+            timestep_mean=-0.5,
         )
     # Movie Gen: 1e-4 for text-to-image, 6e-5 for joint image/video training.
     return T2VTrainConfig(recipe=name, model=model, lr=6e-5, batch_size=1, warmup_steps=1000)
