@@ -157,9 +157,10 @@ def temporal_conv(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
     """``conv`` (kernel ``(3, 1, 1)``) over time with replicate padding, ``(B, C, T, H, W)``.
 
     Computed as a 2D convolution with kernel ``(3, 1)`` over ``(T, H * W)``:
-    the same numbers as ``conv`` on the padded input, but on CPU oneDNN runs
-    the large ones about 2x faster than the 3D convolution, and the ``cpu``
-    recipe's training step 1.6x faster (benchmarks/bench_tae_temporal_conv.py).
+    the same numbers as ``conv`` on the padded input. On one CPU thread oneDNN
+    runs the full-resolution ones 4x faster than as a 3D convolution (the
+    ``cpu`` recipe's training step 1.24x); on two threads both ways take the
+    same time (benchmarks/bench_tae_temporal_conv.py, docs/BENCHMARKS.md).
     The weights stay those of the ``nn.Conv3d``, so checkpoints do not change.
     """
     height, width = x.shape[-2:]
