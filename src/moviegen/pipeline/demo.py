@@ -77,14 +77,14 @@ class DemoConfig:
     # to their budget (`fit_schedule_to_budget`): on a slower machine a run does
     # fewer steps but still ends its cosine. With the other stages' ~200 s and
     # the ~100 s install this keeps `make demo` under 15 minutes on 2 cores.
-    tae_time_budget_s: float = 340.0
+    tae_time_budget_s: float = 320.0
     # Optimizer steps (the cosine's length); None: the recipe's. Raising them
     # with the budgets trades time for quality (docs/BENCHMARKS.md: the TAE
     # keeps every small shape after 2000 steps, 700 in the recipe).
     tae_steps: int | None = None
     stats_clips: int = 128  # clips the latent statistics are measured on
     t2v_recipe: str = "tiny"  # transformer training recipe
-    t2v_time_budget_s: float = 250.0
+    t2v_time_budget_s: float = 240.0
     t2v_steps: int | None = None  # None: the recipe's
     # Fewer than the paper's 50: measured on the demo model, 30 steps score the
     # same (27.8% vs 28.5% all correct) in 60% of the solver time.
