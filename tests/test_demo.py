@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 
 from moviegen.cli import USAGE_ERROR, main
-from moviegen.pipeline.demo import DemoConfig, run_demo
+from moviegen.data.shapes import ShapeAttributes, canonical_captions
+from moviegen.pipeline.demo import DemoConfig, run_demo, spread_indices
 
 
 @pytest.mark.slow
@@ -88,6 +89,19 @@ def test_demo_runs_every_stage_and_reuses_finished_ones(tmp_path):
 def test_demo_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         DemoConfig(**{field: value})
+
+
+def test_contact_sheet_rows_show_every_shape_and_direction():
+    captions = canonical_captions()
+    picks = spread_indices(len(captions), 12)
+    assert len(picks) == 12 and picks[0] == 0 and picks[-1] == len(captions) - 1
+    chosen = [ShapeAttributes.from_caption(captions[index]) for index in picks]
+    assert {attributes.shape for attributes in chosen} == {"circle", "square", "triangle"}
+    assert {attributes.direction for attributes in chosen} == {"left", "right", "up", "down"}
+    assert {attributes.size for attributes in chosen} == {"small", "large"}
+    assert len({attributes.colour for attributes in chosen}) == 6
+    assert spread_indices(5, 12) == [0, 1, 2, 3, 4]
+    assert spread_indices(7, 1) == [0] and spread_indices(0, 3) == []
 
 
 def test_demo_config_rejects_a_bad_guidance_interval():

@@ -199,12 +199,23 @@ def _sample(config: DemoConfig, t2v_run: Path, samples: Path) -> dict[str, Any]:
     return {"num_videos": len(paths), "seconds_per_video": seconds / len(paths)}
 
 
+def spread_indices(length: int, count: int) -> list[int]:
+    """``count`` indices spread evenly from ``0`` to ``length - 1`` (all of them if fewer).
+
+    With the 144 canonical captions and 12 rows that is every 13th caption, so
+    size, colour, shape and direction all vary down the contact sheet; every
+    12th would repeat one shape and direction (the caption list's inner loops).
+    """
+    count = min(count, length)
+    if count <= 1:
+        return list(range(count))
+    return sorted({round(i * (length - 1) / (count - 1)) for i in range(count)})
+
+
 def _showcase(config: DemoConfig, samples: Path) -> dict[str, str]:
     """A contact sheet of samples with captions, and GIF/MP4 grids of a few."""
     lines = [json.loads(line) for line in (samples / "prompts.jsonl").read_text().splitlines()]
-    # Spread over the caption list so that every colour and shape shows up.
-    step = max(1, len(lines) // NUM_SHEET_ROWS)
-    chosen = lines[::step][:NUM_SHEET_ROWS]
+    chosen = [lines[index] for index in spread_indices(len(lines), NUM_SHEET_ROWS)]
     clips = [(read_video(samples / line["path"]), line["prompt"]) for line in chosen]
     sheet = contact_sheet(clips, config.out / "samples_contact_sheet.png")
     grid = clip_grid(
