@@ -337,7 +337,8 @@ def analytic_parameter_count(config: TransformerConfig) -> int:
     embeddings = patch * d + d + sum(config.position_table_sizes) * d
     timestep = config.timestep_embed_dim * d + d + d * d + d + d * 6 * d + 6 * d
     final = 2 * d + d * patch + patch
-    return embeddings + timestep + config.num_layers * block + final
+    pooled = 2 * (d * d + d) if config.pooled_text else 0  # the pooled-text MLP
+    return embeddings + timestep + pooled + config.num_layers * block + final
 
 
 def test_30b_has_29_to_31_billion_parameters():

@@ -2,7 +2,8 @@
 
 All recipes use head dim 128 except the CPU-sized ones, an FFN width close to
 ``8/3 * dim`` (SwiGLU keeps the parameter count of a ``4 * dim`` GELU MLP), and
-patch ``(1, 2, 2)``. Parameter counts are of the transformer alone (text
+patch ``(1, 2, 2)``; only ``tiny`` adds pooled text to the modulation
+(``pooled_text``). Parameter counts are of the transformer alone (text
 encoders, their projections and the TAE are not counted), exactly as
 :func:`moviegen.transformer.count_parameters` reports them:
 
@@ -10,7 +11,7 @@ encoders, their projections and the TAE are not counted), exactly as
 recipe    layers  dim    heads  ffn     tables (T, H, W)    parameters
 ========  ======  =====  =====  ======  ==================  ==============
 debug     2       32     2      64      (8, 16, 16)         49,760
-tiny      6       192    6      512     (8, 16, 16)         3.89M
+tiny      6       192    6      512     (8, 16, 16)         3.96M
 1B        16      2048   16     5632    (32, 96, 96)        1.12B
 5B        32      3072   24     8192    (32, 96, 96)        4.90B
 9B        32      4096   32     11264   (32, 96, 96)        8.84B
