@@ -542,6 +542,9 @@ def test_cfg_interval_guides_inside_and_is_conditional_only_outside():
     assert torch.equal(limited(x, late), never_uncond(x, late, cond))
     assert never_uncond.batch_sizes == [4, 4]
     assert "t in [0.2, 0.6]" in repr(limited)
+    # The interval [0, 1] is plain guidance.
+    every = ClassifierFreeGuidance(model, cond, uncond, scale, interval=(0, 1))
+    assert every.interval is None and "t in" not in repr(every)
 
 
 def test_cfg_interval_drives_a_solver():

@@ -44,6 +44,8 @@ ConditionalVelocityFn = Callable[[Tensor, Tensor, Any], Tensor]
 # Scales with a shortcut: only one branch contributes to the guided velocity.
 _CONDITIONAL_ONLY_SCALE = 1.0
 _UNCONDITIONAL_ONLY_SCALE = 0.0
+# The guidance interval that covers every flow time.
+_EVERY_TIME = (0.0, 1.0)
 
 
 class ClassifierFreeGuidance:
@@ -75,7 +77,8 @@ class ClassifierFreeGuidance:
             raise ValueError(f"guidance scale must be finite, got {scale}")
         if interval is not None:
             interval = check_interval(interval)
-        self.interval = interval
+        # The whole of [0, 1] is plain guidance: no per-step test of t.
+        self.interval = None if interval == _EVERY_TIME else interval
         self.velocity_fn = velocity_fn
         self.cond = cond
         self.uncond = uncond

@@ -158,7 +158,7 @@ def generate_latents(
         negative_text,
         cfg_scale,
         concat=concat_text_features,
-        interval=None if tuple(cfg_interval) == (0.0, 1.0) else tuple(cfg_interval),
+        interval=cfg_interval,
     )
     grid = build_schedule(schedule, steps)  # float64 on the CPU; the solver casts t
     model.eval()
