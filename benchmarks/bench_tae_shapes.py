@@ -46,10 +46,20 @@ EVAL_BATCH = 4
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``NAME=KEY=VALUE,KEY=VALUE`` -> ``(NAME, [KEY=VALUE, ...])``; commas inside
+    JSON brackets belong to the value (``model.patch_size=[2,2,2]``)."""
     name, _, overrides = text.partition("=")
     if not name:
         raise SystemExit(f"--variant needs NAME=OVERRIDES, got {text!r}")
-    return name, [item for item in overrides.split(",") if item]
+    items, current, depth = [], "", 0
+    for char in overrides + ",":
+        depth += (char in "[{") - (char in "]}")
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    return name, [item for item in items if item]
 
 
 @torch.no_grad()

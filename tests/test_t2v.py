@@ -346,6 +346,20 @@ def test_sampling_rejects_bad_input(t2v_run):
         pipeline(["a cat"], seeds=[0, 1], options=options)
 
 
+def test_latent_shape_follows_the_tae_temporal_compression_and_the_patch():
+    config = transformer_recipe("debug")  # patch (1, 2, 2), 16 latent channels
+    assert latent_shape_for(config, 16, 64, 32) == (16, 2, 8, 4)
+    assert latent_shape_for(config, 16, 64, 32, temporal_compression=4) == (16, 4, 8, 4)
+    assert latent_shape_for(config, 13, 32, 32, temporal_compression=4) == (16, 4, 4, 4)
+    two = replace(config, patch_size=(2, 2, 2))
+    assert latent_shape_for(two, 16, 32, 32, temporal_compression=4) == (16, 4, 4, 4)
+    # 12 frames make 3 latent frames: not whole patches of 2.
+    with pytest.raises(ValueError, match="multiple of 2"):
+        latent_shape_for(two, 12, 32, 32, temporal_compression=4)
+    with pytest.raises(ValueError, match="frames cannot be represented"):
+        latent_shape_for(config, 0, 32, 32)
+
+
 def test_load_t2v_refuses_a_tae_checkpoint(tae_run):
     with pytest.raises(ValueError, match="not a text-to-video checkpoint"):
         load_t2v(tae_run)

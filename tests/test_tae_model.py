@@ -73,6 +73,61 @@ def test_level_frame_counts():
     assert level_frame_counts(33, 4) == [33, 17, 9, 5]
     assert level_frame_counts(1, 4) == [1, 1, 1, 1]
     assert level_frame_counts(64, 4) == [64, 32, 16, 8]
+    # Temporal compression 4: the last stage keeps the frame count.
+    assert level_frame_counts(33, 4, temporal_levels=2) == [33, 17, 9, 9]
+    assert level_frame_counts(16, 4, temporal_levels=0) == [16, 16, 16, 16]
+
+
+@pytest.mark.parametrize("compression", [1, 2, 4, 8])
+@pytest.mark.parametrize("frames", [1, 5, 16, 19])
+def test_temporal_compression_gives_ceil_t_over_it_latent_frames(compression, frames):
+    """Space is compressed 8x for every setting; time by ``temporal_compression``
+    (stride-2 stages first, the rest spatial only), and the decoder undoes it."""
+    config = replace(
+        tae_recipe("debug"), norm="pixel", residual_shortcuts=True, temporal_compression=compression
+    )
+    torch.manual_seed(0)
+    model = TAE(config).eval()
+    halving = [stage.halves_time for stage in model.encoder.levels if hasattr(stage, "halves_time")]
+    assert halving == [level < int(math.log2(compression)) for level in range(3)]
+    video = random_video(2, frames, 16, 24)
+    with torch.no_grad():
+        reconstruction, mean, _ = model(video, sample=False)
+        decoded = model.decode_latents(mean)
+    assert mean.shape == (2, 16, math.ceil(frames / compression), 2, 3)
+    assert reconstruction.shape == video.shape
+    assert decoded.shape[2] == mean.shape[2] * compression, "default length: T' x compression"
+
+
+def test_temporal_compression_4_latent_frames_see_their_own_four_frames():
+    """Untrained (temporal convolutions start as the identity; no attention, whose
+    temporal half mixes frames), latent frame j sees exactly frames 4j..4j+3."""
+    config = replace(
+        tae_recipe("debug"),
+        norm="pixel",
+        residual_shortcuts=True,
+        attention=False,
+        temporal_compression=4,
+    )
+    model = TAE(config).eval()
+    blocks = torch.stack([torch.full((1, 3, 4, 16, 16), value) for value in (-0.6, 0.2, 0.7)], 2)
+    video = blocks.flatten(2, 3)  # (1, 3, 12, 16, 16): three constant 4-frame blocks
+    with torch.no_grad():
+        stages = [stage for stage in model.encoder.levels if hasattr(stage, "spatial_down")]
+        for module in [model.encoder.conv_out] + [s.spatial_down for s in stages]:
+            for parameter in module.parameters():
+                parameter.zero_()
+        mean = model.encode_moments(video)[:, :16]
+    assert mean.shape[2] == 3
+    # Each latent frame sees only its own block: the three frames differ, and a
+    # change inside block 2 moves only latent frame 2.
+    assert not torch.allclose(mean[:, :, 0], mean[:, :, 1])
+    changed = video.clone()
+    changed[:, :, 8:] = 0.0
+    with torch.no_grad():
+        other = model.encode_moments(changed)[:, :16]
+    torch.testing.assert_close(other[:, :, :2], mean[:, :, :2], atol=1e-6, rtol=0)
+    assert not torch.allclose(other[:, :, 2], mean[:, :, 2])
 
 
 def test_frames_do_not_leak_across_encoder_chunks(tae):
@@ -128,6 +183,16 @@ def test_tiled_decoding_of_a_local_decoder_is_exact():
         decode, latents, num_frames=91, spatial_tile_latents=2, spatial_overlap_latents=1
     )
     torch.testing.assert_close(spatial, whole)
+
+    def decode_4(piece: torch.Tensor, num_frames: int) -> torch.Tensor:
+        # As above with 4 frames per latent frame.
+        video = piece[:, :3].repeat_interleave(4, 2).repeat_interleave(8, 3)
+        return video.repeat_interleave(8, 4)[:, :, :num_frames]
+
+    tiled_4 = decode_tiled(decode_4, latents, num_frames=46, temporal_compression=4)
+    torch.testing.assert_close(tiled_4, decode_4(latents, 46))
+    with pytest.raises(ValueError, match="91 frames need 23 latent frames, got 12"):
+        decode_tiled(decode_4, latents, num_frames=91, temporal_compression=4)
 
 
 def test_normalised_encode_decode_round_trip_shapes(tae):
@@ -252,6 +317,8 @@ def test_config_validation():
         TAEConfig(widths=(8, 8, 12, 12), norm_groups=8)
     with pytest.raises(ValueError, match="unknown TAE recipe"):
         tae_recipe("huge")
+    with pytest.raises(ValueError, match="temporal_compression must be"):
+        TAEConfig(temporal_compression=3)
 
 
 def test_latent_stats_accumulator_matches_torch():

@@ -86,14 +86,21 @@ class SamplingOptions:
 
 
 def latent_shape_for(
-    config: TransformerConfig, num_frames: int, height: int, width: int
+    config: TransformerConfig,
+    num_frames: int,
+    height: int,
+    width: int,
+    *,
+    temporal_compression: int = TAE_COMPRESSION,
 ) -> tuple[int, int, int, int]:
     """The latent ``(C, T', H', W')`` of a ``num_frames x height x width`` video.
 
-    Raises ValueError when the TAE and the patching cannot represent the size,
-    or the transformer's position tables are too small for it.
+    ``temporal_compression`` is the TAE's frames per latent frame (space is
+    always compressed by ``TAE_COMPRESSION``). Raises ValueError when the TAE
+    and the patching cannot represent the size, or the transformer's position
+    tables are too small for it.
     """
-    _, patch_h, patch_w = config.patch_size
+    patch_t, patch_h, patch_w = config.patch_size
     for name, pixels, patch in (("height", height, patch_h), ("width", width, patch_w)):
         multiple = TAE_COMPRESSION * patch
         if pixels < multiple or pixels % multiple:
@@ -102,10 +109,16 @@ def latent_shape_for(
                 f"{TAE_COMPRESSION} and the transformer patches by {patch}, so {name} must be "
                 f"a positive multiple of {multiple}"
             )
-    frames = math.ceil(num_frames / TAE_COMPRESSION)
+    frames = math.ceil(num_frames / temporal_compression)
+    if num_frames < 1 or frames % patch_t:
+        raise ValueError(
+            f"{num_frames} frames cannot be represented: the TAE makes one latent frame of "
+            f"{temporal_compression} and the transformer patches {patch_t} latent frames, so "
+            f"ceil(frames / {temporal_compression}) must be a positive multiple of {patch_t}"
+        )
     latent_h, latent_w = height // TAE_COMPRESSION, width // TAE_COMPRESSION
     limits = (
-        ("frames", frames, config.max_latent_frames, num_frames, TAE_COMPRESSION),
+        ("frames", frames, config.max_latent_frames, num_frames, temporal_compression),
         ("height", latent_h, config.max_latent_height, height, TAE_COMPRESSION),
         ("width", latent_w, config.max_latent_width, width, TAE_COMPRESSION),
     )
@@ -255,7 +268,11 @@ class TextToVideoPipeline:
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         shape = latent_shape_for(
-            self.model.config, options.num_frames, options.height, options.width
+            self.model.config,
+            options.num_frames,
+            options.height,
+            options.width,
+            temporal_compression=self.tae.config.temporal_compression,
         )
         text = self.encode_prompts(prompts, options.fps)  # 1. encode
         negative = self.conditioner.encode([options.negative_prompt])

@@ -10,7 +10,10 @@ and back (MOVIEGEN.md section 1):
 - every spatial attention is followed by a temporal attention;
 - three stride-2 temporal convolutions downsample time by 8; the decoder
   upsamples time by nearest-neighbour repetition followed by a convolution,
-  with separate weights for the two copies of a frame (see TemporalUpsample);
+  with separate weights for the two copies of a frame (see TemporalUpsample).
+  ``temporal_compression`` 4, 2 or 1 keeps time at the last stages (as Wan,
+  HunyuanVideo and CogVideoX compress time 4x); ``T/8`` below then reads
+  ``T/temporal_compression``;
 - normalisation is per frame (GroupNorm over ``(C, H, W)`` of one frame) or,
   with ``norm="pixel"``, per pixel (RMS over channels), so no statistic mixes
   frames; optional residual shortcuts (``residual_shortcuts``) wrap every
@@ -72,6 +75,15 @@ class TAEConfig:
     # learn a residual on top of average pooling / nearest upsampling, which
     # trains several times faster at high compression. Off: the paper's TAE.
     residual_shortcuts: bool = False
+    # Frames per latent frame: 8 (the paper), 4, 2 or 1. The encoder's first
+    # log2(temporal_compression) levels halve time; the others are spatial only
+    # (and the decoder mirrors this). Space is always compressed 8x.
+    temporal_compression: int = COMPRESSION
+
+    @property
+    def temporal_levels(self) -> int:
+        """How many of the 3 stride-2 stages also halve time."""
+        return self.temporal_compression.bit_length() - 1
 
     def __post_init__(self) -> None:
         if len(self.widths) != 4:
@@ -89,6 +101,10 @@ class TAEConfig:
             raise ValueError(
                 f"residual_shortcuts need the last width ({self.widths[-1]}) to be a multiple "
                 f"of latent_channels ({self.latent_channels})"
+            )
+        if self.temporal_compression not in (1, 2, 4, 8):
+            raise ValueError(
+                f"temporal_compression must be 1, 2, 4 or 8, got {self.temporal_compression}"
             )
         if self.encoder_chunk_frames % COMPRESSION:
             raise ValueError(
@@ -216,20 +232,25 @@ class TemporalUpsample(nn.Module):
         return x[:, :, :num_frames].contiguous(memory_format=torch.channels_last_3d)
 
 
-def pool_shortcut(x: torch.Tensor) -> torch.Tensor:
-    """2x2x2 average pooling, ``(B, C, T, H, W)`` -> ``(B, C, ceil(T/2), H/2, W/2)``.
+def pool_shortcut(x: torch.Tensor, *, temporal: bool = True) -> torch.Tensor:
+    """2x2x2 average pooling, ``(B, C, T, H, W)`` -> ``(B, C, ceil(T/2), H/2, W/2)``
+    (1x2x2, keeping ``T``, when not ``temporal``).
 
     An odd frame count repeats the last frame (as the replicate-padded
     stride-2 temporal convolution beside it effectively does).
     """
+    if not temporal:
+        return F.avg_pool3d(x, kernel_size=(1, 2, 2))
     if x.shape[2] % 2:
         x = torch.cat([x, x[:, :, -1:]], dim=2)
     return F.avg_pool3d(x, kernel_size=2)
 
 
-def upsample_shortcut(x: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """Nearest 2x2x2 upsampling, trimmed to ``num_frames`` (inverse of :func:`pool_shortcut`)."""
-    return F.interpolate(x, scale_factor=2.0, mode="nearest")[:, :, :num_frames]
+def upsample_shortcut(x: torch.Tensor, num_frames: int, *, temporal: bool = True) -> torch.Tensor:
+    """Nearest 2x2x2 (or 1x2x2) upsampling, trimmed to ``num_frames`` (inverse of
+    :func:`pool_shortcut`)."""
+    scale = (2.0, 2.0, 2.0) if temporal else (1.0, 2.0, 2.0)
+    return F.interpolate(x, scale_factor=scale, mode="nearest")[:, :, :num_frames]
 
 
 def channel_average(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -340,7 +361,11 @@ class Encoder(nn.Module):
                 stage.spatial_down = nn.Conv3d(
                     width, width, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)
                 )
-                stage.temporal_down = TemporalConv(width, width, stride=2)
+                # Time is halved at the first `temporal_levels` stages only.
+                stage.halves_time = level < config.temporal_levels
+                stage.temporal_down = TemporalConv(
+                    width, width, stride=2 if stage.halves_time else 1
+                )
             self.levels.append(stage)
         self.mid = MidBlock(channels, config)
         self.norm_out = make_norm(config, channels)
@@ -360,7 +385,8 @@ class Encoder(nn.Module):
                 h = block(h)
             if hasattr(stage, "spatial_down"):
                 down = stage.temporal_down(stage.spatial_down(h))
-                h = down + pool_shortcut(h) if self.shortcuts else down
+                shortcut = pool_shortcut(h, temporal=stage.halves_time) if self.shortcuts else 0
+                h = down + shortcut
         h = self.mid(h)
         moments = self.conv_out(F.silu(self.norm_out(h)))
         if self.shortcuts:
@@ -389,7 +415,13 @@ class Decoder(nn.Module):
             stage.blocks = blocks
             if level > 0:
                 stage.spatial_up = nn.Conv3d(channels, channels, (1, 3, 3), padding=(0, 1, 1))
-                stage.temporal_up = TemporalUpsample(channels)
+                # Mirrors the encoder's stage between `level - 1` and `level`.
+                stage.doubles_time = level - 1 < config.temporal_levels
+                stage.temporal_up = (
+                    TemporalUpsample(channels)
+                    if stage.doubles_time
+                    else TemporalConv(channels, channels)
+                )
             self.levels.append(stage)
         self.norm_out = make_norm(config, channels)
         self.conv_out = Conv25d(channels, config.in_channels)
@@ -398,7 +430,8 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor, frame_counts: list[int]) -> torch.Tensor:
         """``frame_counts``: frames at each level from the top (pixels) down,
-        i.e. ``[T, ceil(T/2), ceil(T/4), ceil(T/8)]``; upsampled levels are trimmed to them."""
+        i.e. ``[T, ceil(T/2), ceil(T/4), ceil(T/8)]`` (:func:`level_frame_counts`);
+        upsampled levels are trimmed to them."""
         h = self.conv_in(z)
         if self.shortcuts:
             # Each latent channel feeds the group of features it was averaged from.
@@ -410,8 +443,11 @@ class Decoder(nn.Module):
             if hasattr(stage, "spatial_up"):
                 target = frame_counts[len(self.levels) - 2 - index]
                 up = F.interpolate(h, scale_factor=(1, 2, 2), mode="nearest")
-                up = stage.temporal_up(stage.spatial_up(up), target)
-                h = up + upsample_shortcut(h, target) if self.shortcuts else up
+                up = stage.spatial_up(up)
+                up = stage.temporal_up(up, target) if stage.doubles_time else stage.temporal_up(up)
+                if self.shortcuts:
+                    up = up + upsample_shortcut(h, target, temporal=stage.doubles_time)
+                h = up
         return self.conv_out(F.silu(self.norm_out(h)))
 
     @property
@@ -420,11 +456,16 @@ class Decoder(nn.Module):
         return self.conv_out.temporal.conv.weight
 
 
-def level_frame_counts(num_frames: int, num_levels: int) -> list[int]:
-    """Frames at each resolution level: ``[T, ceil(T/2), ceil(T/4), ...]``."""
+def level_frame_counts(
+    num_frames: int, num_levels: int, temporal_levels: int | None = None
+) -> list[int]:
+    """Frames at each resolution level: ``[T, ceil(T/2), ceil(T/4), ...]``, halving
+    at the first ``temporal_levels`` stages only (default: every stage)."""
+    if temporal_levels is None:
+        temporal_levels = num_levels - 1
     counts = [num_frames]
-    for _ in range(num_levels - 1):
-        counts.append(math.ceil(counts[-1] / 2))
+    for level in range(num_levels - 1):
+        counts.append(math.ceil(counts[-1] / 2) if level < temporal_levels else counts[-1])
     return counts
 
 
@@ -525,13 +566,16 @@ class TAE(nn.Module):
     def decode_latents(self, latents: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
         """Raw latents ``(B, 16, T', H', W')`` -> video ``(B, 3, T, 8H', 8W')``.
 
-        ``num_frames`` (default ``8 T'``) must satisfy ``ceil(T / 8) == T'``.
+        ``num_frames`` (default ``8 T'``) must satisfy ``ceil(T / 8) == T'``
+        (8: the config's ``temporal_compression``).
         """
         self._check_latents(latents)
         latent_frames = latents.shape[2]
         if num_frames is None:
-            num_frames = latent_frames * COMPRESSION
-        counts = level_frame_counts(num_frames, len(self.config.widths))
+            num_frames = latent_frames * self.config.temporal_compression
+        counts = level_frame_counts(
+            num_frames, len(self.config.widths), self.config.temporal_levels
+        )
         if counts[-1] != latent_frames:
             raise ValueError(
                 f"{num_frames} frames need {counts[-1]} latent frames, got {latent_frames}"
@@ -626,7 +670,7 @@ class TAE(nn.Module):
         latent_mean, latent_std = self._stats(latents)
         raw = latents * latent_std + latent_mean
         if num_frames is None:
-            num_frames = raw.shape[2] * COMPRESSION
+            num_frames = raw.shape[2] * self.config.temporal_compression
         tile = should_tile(raw.shape[2], tile_latent_frames) if tile is None else tile
         if tile or spatial_tile_latents is not None:
             video = decode_tiled(
@@ -636,6 +680,7 @@ class TAE(nn.Module):
                 tile_latent_frames=tile_latent_frames,
                 overlap_latent_frames=overlap_latent_frames,
                 spatial_tile_latents=spatial_tile_latents,
+                temporal_compression=self.config.temporal_compression,
             )
         else:
             video = self.decode_latents(raw, num_frames=num_frames)
@@ -657,7 +702,12 @@ class TAE(nn.Module):
         tile = should_tile(frames, chunk) if tile is None else tile
         mean, _ = self.split_moments(self.encode_moments(video, chunks_at_once=1 if tile else None))
         if tile:
-            output = decode_tiled(self.decode_latents, mean, num_frames=frames)
+            output = decode_tiled(
+                self.decode_latents,
+                mean,
+                num_frames=frames,
+                temporal_compression=self.config.temporal_compression,
+            )
         else:
             output = self.decode_latents(mean, num_frames=frames)
         return output[..., :height, :width].clamp(-1, 1)

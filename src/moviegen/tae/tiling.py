@@ -19,7 +19,7 @@ import torch
 
 __all__ = ["blend_weights", "decode_tiled", "should_tile", "tile_starts"]
 
-# Pixels per latent along each axis.
+# Pixels per latent along height and width (and, by default, frames per latent frame).
 COMPRESSION = 8
 
 
@@ -80,6 +80,7 @@ def decode_tiled(
     overlap_latent_frames: int = 2,
     spatial_tile_latents: int | None = None,
     spatial_overlap_latents: int = 4,
+    temporal_compression: int = COMPRESSION,
 ) -> torch.Tensor:
     """Decode raw latents ``(B, C, T', H', W')`` tile by tile.
 
@@ -87,30 +88,33 @@ def decode_tiled(
         decode: ``decode(latent_tile, num_frames) -> video tile`` (the TAE's
             :meth:`~moviegen.tae.model.TAE.decode_latents`).
         latents: raw (un-normalised) latents.
-        num_frames: frames of the full output; ``ceil(num_frames / 8) == T'``.
+        num_frames: frames of the full output; ``ceil(num_frames / temporal_compression) == T'``.
         tile_latent_frames, overlap_latent_frames: temporal tile and overlap.
         spatial_tile_latents: also tile height and width in tiles of this many
             latents (``None``: whole frames).
         spatial_overlap_latents: spatial overlap in latents.
+        temporal_compression: frames per latent frame of the TAE.
 
     Returns:
         Video ``(B, 3, num_frames, 8 H', 8 W')`` in float32.
     """
     batch, _, latent_frames, latent_height, latent_width = latents.shape
-    if -(-num_frames // COMPRESSION) != latent_frames:
-        raise ValueError(f"{num_frames} frames need {-(-num_frames // COMPRESSION)} latent frames")
+    needed = -(-num_frames // temporal_compression)
+    if needed != latent_frames:
+        raise ValueError(f"{num_frames} frames need {needed} latent frames, got {latent_frames}")
     height, width = latent_height * COMPRESSION, latent_width * COMPRESSION
 
-    def axis_tiles(length: int, tile: int, overlap: int, pixel_limit: int):
+    def axis_tiles(length: int, tile: int, overlap: int, pixel_limit: int, factor: int):
         starts = tile_starts(length, tile, overlap)
         latent_spans = [(start, min(start + tile, length)) for start in starts]
         pixel_spans = [
-            (begin * COMPRESSION, min(end * COMPRESSION, pixel_limit))
-            for begin, end in latent_spans
+            (begin * factor, min(end * factor, pixel_limit)) for begin, end in latent_spans
         ]
         return latent_spans, pixel_spans, blend_weights(pixel_spans)
 
-    time_tiles = axis_tiles(latent_frames, tile_latent_frames, overlap_latent_frames, num_frames)
+    time_tiles = axis_tiles(
+        latent_frames, tile_latent_frames, overlap_latent_frames, num_frames, temporal_compression
+    )
     if spatial_tile_latents is None:
         height_tiles = (
             [(0, latent_height)],
@@ -120,9 +124,11 @@ def decode_tiled(
         width_tiles = ([(0, latent_width)], [(0, width)], [torch.ones(width, dtype=torch.float64)])
     else:
         height_tiles = axis_tiles(
-            latent_height, spatial_tile_latents, spatial_overlap_latents, height
+            latent_height, spatial_tile_latents, spatial_overlap_latents, height, COMPRESSION
         )
-        width_tiles = axis_tiles(latent_width, spatial_tile_latents, spatial_overlap_latents, width)
+        width_tiles = axis_tiles(
+            latent_width, spatial_tile_latents, spatial_overlap_latents, width, COMPRESSION
+        )
 
     output = torch.zeros(batch, 3, num_frames, height, width, device=latents.device)
     total_weight = torch.zeros(num_frames, height, width, device=latents.device)
