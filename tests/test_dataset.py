@@ -175,3 +175,38 @@ def test_bad_arguments(clip_folder):
         VideoTextDataset(records, size=(0, 16))
     with pytest.raises(ValueError, match="fps"):
         VideoTextDataset(records, fps=-1)
+    with pytest.raises(ValueError, match="cache_mib"):
+        VideoTextDataset(records, cache_mib=-1)
+
+
+def test_decoded_window_cache_returns_the_same_clips_and_respects_its_cap(clip_folder, monkeypatch):
+    _, records = clip_folder
+    import moviegen.data.dataset as dataset_module
+
+    decoded = []
+    real_read = dataset_module.read_video
+
+    def counting_read(path, **window):
+        decoded.append((str(path), window.get("start_frame")))
+        return real_read(path, **window)
+
+    monkeypatch.setattr(dataset_module, "read_video", counting_read)
+    plain = VideoTextDataset(records, num_frames=4, size=(16, 16), seed=5)
+    # One 4-frame 16x16 window is 3 KiB: room for two of them, not three.
+    cached = VideoTextDataset(records, num_frames=4, size=(16, 16), seed=5, cache_mib=7 / 1024)
+    for epoch in range(3):
+        plain.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for index in (0, 1, 0, 1, 2):
+            torch.testing.assert_close(cached[index]["video"], plain[index]["video"])
+    assert cached._cached_bytes <= 7 * 1024
+    # Every request of `plain` decodes (15); `cached` decodes each window of an
+    # epoch once (3 per epoch: the third evicts the first), as the windows move.
+    decoded_by_cached = len(decoded) - 15
+    assert decoded_by_cached == 9
+    # A cap below one window caches nothing and still returns the clip.
+    tiny = VideoTextDataset(records, num_frames=4, size=(16, 16), cache_mib=1 / 1024)
+    assert tensor_indices(tiny[(0, (4, 16, 16))]["video"]) == tensor_indices(
+        tiny[(0, (4, 16, 16))]["video"]
+    )
+    assert tiny._cached_bytes == 0

@@ -7,11 +7,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moviegen.tae.model import (
     TAE,
     PixelRMSNorm,
     TAEConfig,
+    _PixelRMSNormFunction,
     channel_average,
     level_frame_counts,
     pool_shortcut,
@@ -304,6 +306,37 @@ def test_pixel_norm_is_rms_over_channels_and_local_to_each_pixel():
     torch.testing.assert_close(norm(x[..., 2:5, 1:7]), norm(x)[..., 2:5, 1:7])
     channels_last = x.contiguous(memory_format=torch.channels_last_3d)
     torch.testing.assert_close(norm(channels_last), expected)
+
+
+def test_pixel_norm_gradients_match_autograd_of_the_plain_formula():
+    generator = torch.Generator().manual_seed(1)
+    # The fused backward against numerical derivatives (float64).
+    x = torch.randn(12, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(5, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *args: _PixelRMSNormFunction.apply(*args, 1e-6), (x, weight, bias)
+    )
+    # The module on a channels-last video against F.rms_norm's autograd.
+    norm = PixelRMSNorm(6)
+    with torch.no_grad():
+        norm.weight.normal_(generator=generator)
+        norm.bias.normal_(generator=generator)
+    video = torch.randn(2, 6, 3, 4, 5, generator=generator)
+    video = video.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    plain = F.rms_norm(video.permute(0, 2, 3, 4, 1), (6,), norm.weight, norm.eps)
+    plain = (plain + norm.bias).permute(0, 4, 1, 2, 3)
+    fused = norm(video)
+    assert fused.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(fused, plain)
+    upstream = torch.randn(fused.shape, generator=generator)
+    params = (video, norm.weight, norm.bias)
+    for got, want in zip(
+        torch.autograd.grad(fused, params, upstream),
+        torch.autograd.grad(plain, params, upstream),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_config_validation():

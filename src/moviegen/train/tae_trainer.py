@@ -94,6 +94,8 @@ class TAEDataConfig:
     image_batch_size: int = 32  # frames per (global) image batch (images are cheap)
     image_fraction: float = 0.25  # share of image batches: 1 per 3 video batches
     num_workers: int = 0  # DataLoader workers (0 is fastest on 2 cores)
+    # Decoded clips kept in memory (MiB, per process); 0: decode every batch.
+    cache_mib: float = 0.0
     val_clips: int = 32  # validation clips (the first ones of the val manifest)
 
     def __post_init__(self) -> None:
@@ -195,8 +197,15 @@ def tae_train_recipe(name: str) -> TAETrainConfig:
         # the shapes scorer reads 78% of reconstructed held-out clips right
         # (70% without; every miss a small shape's kind), 31.1 vs 30.1 dB (102 clips).
         loss=TAELossConfig(l1_weight=0.1, l2_weight=1.0, gradient_weight=0.5),
+        # The decoded training clips stay in memory (181 MiB for the demo's
+        # 922 shapes clips): decoding was ~12% of a step.
         data=TAEDataConfig(
-            crop_size=32, crop_frames=16, crop_candidates=4, batch_size=4, image_batch_size=16
+            crop_size=32,
+            crop_frames=16,
+            crop_candidates=4,
+            batch_size=4,
+            image_batch_size=16,
+            cache_mib=1024,
         ),
     )
 
@@ -278,6 +287,7 @@ class TAETrainer(ResumableTraining):
             size=(data.size, data.size),
             fps=data.fps,
             seed=config.seed,
+            cache_mib=data.cache_mib,
         )
         spec = BucketSpec(
             sizes=((data.size, data.size),),
