@@ -116,3 +116,22 @@ def test_cli_demo_reports_bad_options_before_doing_anything(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--cfg-interval", "0.9", "0.1"]) == USAGE_ERROR
     assert "guidance interval" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cli_demo_help_states_the_real_defaults(capsys):
+    from moviegen.train.t2v_trainer import t2v_train_recipe
+    from moviegen.train.tae_trainer import tae_train_recipe
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = DemoConfig()
+    for stated in (
+        f"TAE training seconds (default {defaults.tae_time_budget_s:g})",
+        f"(default: the recipe's {tae_train_recipe(defaults.tae_recipe).steps})",
+        f"transformer training seconds (default {defaults.t2v_time_budget_s:g})",
+        f"transformer steps (default: the recipe's {t2v_train_recipe(defaults.t2v_recipe).steps})",
+        f"solver steps per video (default {defaults.sample_steps})",
+        f"guidance scale (default {defaults.cfg_scale:g})",
+    ):
+        assert stated in text

@@ -88,9 +88,11 @@ __all__ = ["T2VTrainConfig", "T2VTrainer", "resolve_t2v_config", "t2v_train_reci
 SAMPLE_GRID_COLUMNS = 4
 SAMPLE_TILE_PIXELS = 128
 SAMPLE_FPS = 8
-# Steps of the ``tiny`` recipe: what 2 CPU cores train in about 4 minutes
-# (the demo's transformer budget; the demo also fits the schedule to the budget).
-TINY_RECIPE_STEPS = 760
+# Steps of the ``tiny`` recipe: about 7.5 minutes on 2 CPU cores (the demo's
+# transformer budget; the demo fits the schedule to the budget, so a slower
+# machine ends the cosine earlier). The shapes captions need this length:
+# 89.6% all correct after ~2150 steps, 26-41% after 680-760 (docs/BENCHMARKS.md).
+TINY_RECIPE_STEPS = 2400
 # Streams of keyed_generator((seed, stream, micro_batch[, sample])): one per
 # kind of randomness, so that changing one never shifts another.
 _TIMESTEP_STREAM = 1
