@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import moviegen.tae.model as tae_model
+from bench_tae_temporal_conv import interleaved  # medians, round robin
 from moviegen.tae.losses import TAELoss
 from moviegen.train.tae_trainer import TAETrainer, resolve_config, tae_train_recipe
 
@@ -73,20 +73,11 @@ def step_function(norm_class: type) -> Callable[[], None]:
 
 
 def norm_rows(repeats: int) -> list[dict]:
-    steps = {
-        "fused": step_function(tae_model.PixelRMSNorm),
-        "plain": step_function(PlainPixelRMSNorm),
-    }
-    for step in steps.values():
-        step()
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            started = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - started)
-    fused, plain = (statistics.median(times[name]) for name in ("fused", "plain"))
+    medians = interleaved(
+        {"fused": step_function(tae_model.PixelRMSNorm), "plain": step_function(PlainPixelRMSNorm)},
+        repeats,
+    )
+    fused, plain = medians["fused"], medians["plain"]
     return [
         {"what": "cpu TAE video step, plain F.rms_norm", "ms": plain * 1e3, "speedup": None},
         {"what": "cpu TAE video step, fused norm", "ms": fused * 1e3, "speedup": plain / fused},
