@@ -25,7 +25,7 @@ def test_demo_runs_every_stage_and_reuses_finished_ones(tmp_path):
         t2v_recipe="debug",
         t2v_time_budget_s=60.0,
         t2v_steps=3,  # the step counts, not the budgets, end these runs
-        tae_steps=4,
+        tae_steps=12,  # past the debug recipe's val_every (10)
         tae_time_budget_s=60.0,
         sample_steps=2,
     )
@@ -47,7 +47,10 @@ def test_demo_runs_every_stage_and_reuses_finished_ones(tmp_path):
     assert any("prompt adherence on 144 captions" in line for line in lines)
     tae_config = json.loads((config.out / "tae" / "config.json").read_text())
     assert tae_config["data"]["size"] == 32
-    assert tae_config["steps"] == 4
+    assert tae_config["steps"] == 12
+    # The demo validates its TAE once, at the end (validations cost budget).
+    scalars = (config.out / "tae" / "scalars.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in scalars if ",val/psnr," in line] == ["12"]
     t2v_config = json.loads((config.out / "t2v" / "config.json").read_text())
     assert t2v_config["steps"] == 3
     assert (config.out / "t2v" / "checkpoints" / "step_00000003").is_dir()
