@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -299,3 +300,58 @@ def test_torchrun_environment_is_read_and_checked(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(RuntimeError, match="distributed_run"):
         run_env()
+
+
+# A torchrun job of its own: rank 1 finishes its work late (or fails); each rank
+# appends when it finished and when it left distributed_run.
+_TEARDOWN_SCRIPT = """
+import sys, time
+from pathlib import Path
+import torch.distributed as dist
+from moviegen.train.distributed_run import distributed_run
+
+log, late, fail = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3] == "fail"
+with distributed_run() as env:
+    if env.rank == 1:
+        time.sleep(late)
+        if fail:
+            raise ValueError("rank 1 failed on purpose")
+    with log.open("a") as f:
+        f.write(f"done {env.rank} {time.time()}\\n")
+with log.open("a") as f:
+    f.write(f"left {env.rank} {time.time()} {dist.is_initialized()}\\n")
+"""
+
+
+def _launch_script(script: Path, *args: object) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={NUM_RANKS}", script, *(str(arg) for arg in args),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_ranks_leave_the_process_group_together_and_a_failure_is_not_waited_on(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(_TEARDOWN_SCRIPT)
+    late_s = 2.0
+    log = tmp_path / "ok.log"
+    result = _launch_script(script, log, late_s, "ok")
+    assert result.returncode == 0, result.stderr[-4000:]
+    events = {tuple(line.split()[:2]): line.split()[2:] for line in log.read_text().splitlines()}
+    assert set(events) == {(kind, rank) for kind in ("done", "left") for rank in "01"}
+    # Rank 0 finished at once but left only after rank 1 had finished, and
+    # both left with the group destroyed.
+    assert float(events["left", "0"][0]) >= float(events["done", "1"][0])
+    assert events["left", "0"][1] == events["left", "1"][1] == "False"
+
+    # A rank that raises skips the teardown barrier: the job ends with its
+    # error instead of waiting for the collective timeout.
+    log = tmp_path / "fail.log"
+    started = time.monotonic()
+    result = _launch_script(script, log, late_s, "fail")
+    assert result.returncode != 0
+    assert "rank 1 failed on purpose" in result.stderr
+    assert time.monotonic() - started < 60
+    assert "left 1" not in log.read_text()

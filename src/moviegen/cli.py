@@ -115,7 +115,10 @@ def _train_run(args: argparse.Namespace, make_trainer) -> tuple[dict[str, float]
             shutil.rmtree(args.out)
         barrier()
         trainer = make_trainer(progress=not args.quiet and env.is_main)
-        return trainer.train(stop_at=args.stop_at), env.is_main
+        logs = trainer.train(stop_at=args.stop_at)
+        # Released before distributed_run tears the process group down (see there).
+        del trainer
+    return logs, env.is_main
 
 
 def _tae_train(args: argparse.Namespace) -> int:

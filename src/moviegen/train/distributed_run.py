@@ -21,6 +21,7 @@ replicate) and one decision that every rank takes alike.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -136,11 +137,19 @@ def distributed_run() -> Iterator[RunEnv]:
         # CUDA is available (DCP's and the object collectives' CPU traffic uses gloo).
         dist.init_process_group(timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         owns_group = True
-    try:
-        yield run_env()
-    finally:
-        if owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+    yield run_env()
+    # Only after success: a rank that raised skips this (a barrier or a teardown
+    # could wait on peers stuck in a collective; torchrun stops them). Otherwise
+    # every rank waits here until all have finished their work, so none tears
+    # down its connections while another still writes a checkpoint; objects that
+    # hold the groups (device meshes of sharded modules, in reference cycles)
+    # are collected while the interpreter is fully alive, not at its exit, where
+    # freeing a gloo group's pending work can abort the process ("terminate
+    # called without an active exception", seen once in CI).
+    if owns_group and dist.is_initialized():
+        dist.barrier()
+        gc.collect()
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- collectives
