@@ -206,6 +206,29 @@ def test_training_writes_a_complete_run(t2v_run):
     assert metadata["precompute"]["text_dims"] == {"tiny": 16} and not model.training
 
 
+def test_sampling_reads_the_ema_when_there_is_one_and_the_raw_weights_otherwise(
+    t2v_run, latents, tmp_path
+):
+    with_ema = CheckpointManager.load(t2v_run)
+    assert t2v_config(latents).ema_decay > 0 and with_ema.ema_state
+    weights = with_ema.model_state
+    assert any(not torch.equal(with_ema.ema_state[name], weights[name]) for name in weights)
+    model, _ = load_t2v(t2v_run)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, with_ema.ema_state[name], rtol=0, atol=0)
+    # The tiny (demo) recipe keeps no average: sampling gets the trained weights.
+    assert resolve_t2v_config("tiny").ema_decay == 0
+    run = tmp_path / "raw"
+    T2VTrainer(
+        t2v_config(latents, steps=2, ema_decay=0.0, sample_every=0), run, progress=False
+    ).train()
+    raw = CheckpointManager.load(run)
+    assert not raw.ema_state
+    model, _ = load_t2v(run)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, raw.model_state[name], rtol=0, atol=0)
+
+
 def test_resume_is_exact(latents, tmp_path):
     config = t2v_config(latents, steps=6, log_every=1, sample_every=0, checkpoint_every=100)
     whole = tmp_path / "whole"
