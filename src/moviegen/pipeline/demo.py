@@ -79,7 +79,7 @@ class DemoConfig:
     # keeps `moviegen demo` near 14 minutes on 2 cores (docs/BENCHMARKS.md).
     tae_time_budget_s: float = 330.0
     # Optimizer steps (the cosine's length); None: the recipe's (TAE 1600,
-    # transformer 2400; the transformer's budget ends its cosine near 2300).
+    # transformer 2400; a slower machine ends the cosines inside the budgets).
     tae_steps: int | None = None
     stats_clips: int = 128  # clips the latent statistics are measured on
     t2v_recipe: str = "tiny"  # transformer training recipe

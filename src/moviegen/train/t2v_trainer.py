@@ -91,7 +91,8 @@ SAMPLE_FPS = 8
 # Steps of the ``tiny`` recipe: about 7.5 minutes on 2 CPU cores (the demo's
 # transformer budget; the demo fits the schedule to the budget, so a slower
 # machine ends the cosine earlier). The shapes captions need this length:
-# 89.6% all correct after ~2240 steps, 26-41% after 680-760 (docs/BENCHMARKS.md).
+# 87.5-93.8% all correct after 2400 steps, 89-90% after ~2250, 26-41% after
+# 680-760 (docs/BENCHMARKS.md).
 TINY_RECIPE_STEPS = 2400
 # Streams of keyed_generator((seed, stream, micro_batch[, sample])): one per
 # kind of randomness, so that changing one never shifts another.
