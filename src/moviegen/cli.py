@@ -566,9 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--tae-steps", type=int, help="TAE steps, the cosine's length (default: the recipe's 1600)"
     )
-    demo.add_argument("--t2v-budget", type=float, help="transformer training seconds (default 450)")
+    demo.add_argument("--t2v-budget", type=float, help="transformer training seconds (default 500)")
     demo.add_argument(
-        "--t2v-steps", type=int, help="transformer steps (default: the recipe's 2400)"
+        "--t2v-steps", type=int, help="transformer steps (default: the recipe's 2700)"
     )
     demo.add_argument("--sample-steps", type=int, help="solver steps per video (default 30)")
     demo.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 1.5)")

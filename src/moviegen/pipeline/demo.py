@@ -79,11 +79,11 @@ class DemoConfig:
     # keeps `moviegen demo` near 14 minutes on 2 cores (docs/BENCHMARKS.md).
     tae_time_budget_s: float = 330.0
     # Optimizer steps (the cosine's length); None: the recipe's (TAE 1600,
-    # transformer 2400; a slower machine ends the cosines inside the budgets).
+    # transformer 2700; a slower machine ends the cosines inside the budgets).
     tae_steps: int | None = None
     stats_clips: int = 128  # clips the latent statistics are measured on
     t2v_recipe: str = "tiny"  # transformer training recipe
-    t2v_time_budget_s: float = 450.0
+    t2v_time_budget_s: float = 500.0
     t2v_steps: int | None = None  # None: the recipe's
     # Fewer than the paper's 50: on the demo's models 30 Euler steps score
     # within a sample or two of 50 (91.7% vs 92.4%) and of 15 Heun steps.
