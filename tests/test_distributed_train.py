@@ -54,8 +54,10 @@ TINY_TEXT = [TextEncoderConfig(name="tiny", kind="tiny", max_length=64, dim=16, 
 # process (float summation order; measured: 0, the losses are bit-identical).
 LOSS_RTOL = 1e-5
 # Final weights, 2 ranks vs 1 process (sharded gradient norms and reductions
-# round differently; measured ~5e-8).
-WEIGHT_ATOL = 1e-6
+# round differently; measured ~5e-8, but AdamW divides near-zero gradients by
+# their own tiny second moments, and two full-suite runs exceeded 1e-6 in
+# transformer.timestep_embed.fc1.weight; a wrong reduction is off by far more).
+WEIGHT_ATOL = 1e-5
 # Overrides of every text-to-video launch: every step logged, no MFU benchmark.
 T2V_SETTINGS = ("log_every=1", "peak_flops=1e12", "sample_every=0")
 TAE_SETTINGS = ("log_every=1", "val_every=100")
@@ -114,7 +116,10 @@ def assert_equal_weights(actual: dict, expected: dict, **tolerance) -> None:
     assert sorted(actual) == sorted(expected)
     for name, value in expected.items():
         torch.testing.assert_close(
-            actual[name], value, msg=name, **(tolerance or {"rtol": 0, "atol": 0})
+            actual[name],
+            value,
+            msg=lambda text, name=name: f"{name}: {text}",
+            **(tolerance or {"rtol": 0, "atol": 0}),
         )
 
 
