@@ -51,6 +51,9 @@ TRIANGLE_RATIO = math.sqrt(3) / 2
 CENTROID_TOL = 0.1  # anti-aliased edges make the centroid exact to ~1/64 px
 EXTENT_SLACK = 0.5  # sub-sample slivers at both ends of a span may stay black
 MOMENT_SIZE_TOL = 0.1  # width from second moments of anti-aliased coverage
+# Mean |difference| of decoded pixels between two clips of one seed (measured
+# 0, or 0.03-0.37 when libx264 re-decides; two different clips: 16.3).
+SAME_SEED_MEAN_PIXEL_DIFF = 1.0
 SUPERSAMPLED_WIDTH_TOL = 0.25  # square width from coverage: 1/8 px quantisation per edge
 FILL_TOL = 0.01  # fill ratio from exact coverage
 THRESHOLD_FILL_TOL = 0.08  # fill ratio of a thresholded mask (how the evaluator sees it)
@@ -410,7 +413,13 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path):
     clips = sorted(path.name for path in (a / "clips").iterdir())
     assert len(clips) == 8
     for name in clips:
-        assert (a / "clips" / name).read_bytes() == (b / "clips" / name).read_bytes()
+        # Equal frames go into the encoder (md5-checked), but libx264 on one
+        # thread still gives other bytes for a small clip now and then (2 of
+        # 150-200 encodes of one 32x32 clip under load, decoded pixels up to 24
+        # apart, docs/BENCHMARKS.md): compare what a reader sees, closely.
+        first, second = (read_video(root / "clips" / name).astype(np.float64) for root in (a, b))
+        assert first.shape == second.shape
+        assert np.abs(first - second).mean() < SAME_SEED_MEAN_PIXEL_DIFF
     assert runs[0].train_manifest == a / "train.jsonl"
     assert (runs[0].num_train, runs[0].num_val) == (runs[1].num_train, runs[1].num_val) == (6, 2)
     assert (a / "train.jsonl").read_bytes() != (c / "train.jsonl").read_bytes()
