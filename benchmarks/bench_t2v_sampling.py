@@ -34,7 +34,7 @@ import torch
 from bench_tae_shapes import parse_variant  # same --variant syntax
 from moviegen.data.shapes import canonical_captions
 from moviegen.eval.shapes_score import score_samples
-from moviegen.pipeline.demo import DemoConfig
+from moviegen.pipeline.demo import SAMPLE_BATCH_SIZE, DemoConfig
 from moviegen.pipeline.sample import (
     SamplingOptions,
     TextToVideoPipeline,
@@ -43,7 +43,6 @@ from moviegen.pipeline.sample import (
 )
 
 ATTRIBUTES = ("colour", "shape", "size", "direction")
-SAMPLE_BATCH = 48
 _STRING_FIELDS = ("schedule", "solver", "negative_prompt")
 
 
@@ -69,21 +68,6 @@ def parse_settings(overrides: list[str]) -> tuple[dict, int, bool]:
         else:
             raise SystemExit(f"unknown sampling setting {key!r}; choose from seed, ema, {fields}")
     return changes, seed, use_ema
-
-
-def demo_options(**changes) -> SamplingOptions:
-    """The demo's sampling (size, frames, solver steps, guidance) with ``changes``."""
-    demo = DemoConfig()
-    base = dict(
-        num_frames=demo.num_frames,
-        height=demo.size,
-        width=demo.size,
-        fps=demo.fps,
-        steps=demo.sample_steps,
-        cfg_scale=demo.cfg_scale,
-        cfg_interval=demo.cfg_interval,
-    )
-    return SamplingOptions(**{**base, **changes})
 
 
 def main() -> None:
@@ -112,8 +96,8 @@ def main() -> None:
             canonical_captions(),
             out,
             seed=seed,
-            options=demo_options(**changes),
-            batch_size=SAMPLE_BATCH,
+            options=DemoConfig().sampling_options(**changes),
+            batch_size=SAMPLE_BATCH_SIZE,
             progress=False,
         )
         seconds = time.perf_counter() - started

@@ -138,3 +138,14 @@ def test_cli_demo_help_states_the_real_defaults(capsys):
         f"guidance scale (default {defaults.cfg_scale:g})",
     ):
         assert stated in text
+
+
+def test_demo_sampling_options_follow_the_config_and_take_changes():
+    from moviegen.pipeline.demo import DemoConfig
+
+    config = DemoConfig(size=32, num_frames=8, sample_steps=12, cfg_scale=2.0)
+    options = config.sampling_options()
+    assert (options.height, options.width, options.num_frames) == (32, 32, 8)
+    assert (options.steps, options.cfg_scale, options.fps) == (12, 2.0, config.fps)
+    changed = config.sampling_options(steps=50, cfg_interval=(0.5, 1.0))
+    assert (changed.steps, changed.cfg_interval, changed.cfg_scale) == (50, (0.5, 1.0), 2.0)

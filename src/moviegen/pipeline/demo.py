@@ -97,6 +97,20 @@ class DemoConfig:
     cfg_interval: tuple[float, float] = (0.0, 1.0)
     fresh: bool = False  # start over instead of reusing finished stages
 
+    def sampling_options(self, **changes: Any) -> SamplingOptions:
+        """How the demo samples its captions (clip geometry, solver steps,
+        guidance), with ``changes`` to any ``SamplingOptions`` field."""
+        options = dict(
+            num_frames=self.num_frames,
+            height=self.size,
+            width=self.size,
+            fps=self.fps,
+            steps=self.sample_steps,
+            cfg_scale=self.cfg_scale,
+            cfg_interval=self.cfg_interval,
+        )
+        return SamplingOptions(**{**options, **changes})
+
     def __post_init__(self) -> None:
         for name in ("tae_time_budget_s", "t2v_time_budget_s", "cfg_scale"):
             if not getattr(self, name) > 0:
@@ -177,15 +191,7 @@ def _steps_override(steps: int | None) -> list[str]:
 
 def _sample(config: DemoConfig, t2v_run: Path, samples: Path) -> dict[str, Any]:
     pipeline = TextToVideoPipeline.from_checkpoint(t2v_run)
-    options = SamplingOptions(
-        num_frames=config.num_frames,
-        height=config.size,
-        width=config.size,
-        fps=config.fps,
-        steps=config.sample_steps,
-        cfg_scale=config.cfg_scale,
-        cfg_interval=config.cfg_interval,
-    )
+    options = config.sampling_options()
     started = time.perf_counter()
     paths = sample_to_folder(
         pipeline,
