@@ -117,13 +117,44 @@ def test_fitted_schedule_keeps_the_whole_warmup(shapes_data, tmp_path):
     assert rates[True][-1] < 0.2 * config.lr  # and the fitted schedule still decays
 
 
-def test_resume_is_exact(shapes_data, tmp_path):
+def test_decoder_only_steps_train_the_decoder_on_a_fixed_encoder(shapes_data, tmp_path):
+    # The last 8 of 20 steps train the decoder alone.
+    config = debug_config(shapes_data, decoder_only_steps=8, log_every=1)
+    run = tmp_path / "run"
+    trainer = TAETrainer(config, run, progress=False)
+    trainer.train(stop_at=12)
+    at_12 = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {
+        name for name, p in trainer.model.named_parameters() if not torch.equal(p, at_12[name])
+    }
+    assert changed and all(name.startswith("decoder.") for name in changed)
+    flags = read_scalars(run / "scalars.csv")["train/decoder_only"]
+    assert [step for step, flag in flags if flag == 1.0] == list(range(13, 21))
+
+
+def test_decoder_only_phase_follows_a_fitted_schedule(shapes_data, tmp_path):
+    # 100000 steps in a 3 s budget: the fitted schedule reaches the decoder-only
+    # half long before the steps do; without fitting it never gets there.
+    flags = {}
+    for fit in (False, True):
+        run = tmp_path / f"fit_{fit}"
+        budget_run_rates(shapes_data, run, fit=fit, budget_s=3.0, decoder_only_steps=50_000)
+        flags[fit] = [flag for _, flag in read_scalars(run / "scalars.csv")["train/decoder_only"]]
+    assert set(flags[False]) == {0.0}
+    assert flags[True][0] == 0.0 and flags[True][-1] == 1.0
+
+
+@pytest.mark.parametrize("decoder_only_steps", [0, 8])
+def test_resume_is_exact(shapes_data, tmp_path, decoder_only_steps):
+    config = debug_config(shapes_data, decoder_only_steps=decoder_only_steps)
     straight = tmp_path / "straight"
-    TAETrainer(debug_config(shapes_data), straight, progress=False).train()
+    TAETrainer(config, straight, progress=False).train()
     split = tmp_path / "split"
-    TAETrainer(debug_config(shapes_data), split, progress=False).train(stop_at=10)
-    # A new trainer (as after a crash) picks up the checkpoint at step 10.
-    TAETrainer(debug_config(shapes_data), split, progress=False).train()
+    TAETrainer(config, split, progress=False).train(stop_at=10)
+    # A new trainer (as after a crash) picks up the checkpoint at step 10
+    # (with 8 decoder-only steps, before the phase that starts at step 12).
+    TAETrainer(config, split, progress=False).train()
     first = read_scalars(straight / "scalars.csv")["loss/total"]
     second = read_scalars(split / "scalars.csv")["loss/total"]
     assert first == second
@@ -201,3 +232,9 @@ def test_content_crops_find_the_object_that_plain_crops_miss():
     assert content > 0.5 and content > 3 * plain
     with pytest.raises(ValueError, match="crop_candidates"):
         TAEDataConfig(crop_candidates=0)
+
+
+@pytest.mark.parametrize("decoder_only_steps", [-1, 21])
+def test_decoder_only_steps_outside_the_run_are_refused(shapes_data, decoder_only_steps):
+    with pytest.raises(ValueError, match=r"decoder_only_steps must be in \[0, steps=20\]"):
+        debug_config(shapes_data, decoder_only_steps=decoder_only_steps)
