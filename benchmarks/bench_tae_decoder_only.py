@@ -8,6 +8,9 @@ canonical shapes captions with the transformer for every ``--seeds`` entry and
 decodes them once with the original decoder and once with each continued one.
 Transformer, captions and noise are the same for every decoder, so the
 difference in the shapes scorer's all-correct rate is the decoder's alone.
+The table also gives the median fill ratio (object area over its bounding
+box, as the scorer reads it) of the small squares (read as squares above
+0.8925) and small triangles (as triangles below 0.72) over all seeds.
 
 The continued runs resume the TAE's own checkpoint with the recorded training
 config (data, losses, learning rate); the cosine is stretched to the new
@@ -32,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from bench_tae_shapes import FILL_KINDS  # small squares and triangles
 from moviegen.config import config_from_dict
 from moviegen.data.shapes import canonical_captions
 from moviegen.eval.shapes_score import score_samples
@@ -100,6 +104,7 @@ def main() -> None:
     for decoder in decoders:
         pipeline.tae = decoder["tae"].eval()
         rates = []
+        fills: dict[str, list[float]] = {f"{size} {kind}": [] for size, kind in FILL_KINDS}
         for seed in args.seeds:
             out = args.out / f"samples_plus{decoder['extra_steps']}_seed{seed}"
             sample_to_folder(
@@ -111,7 +116,12 @@ def main() -> None:
                 batch_size=SAMPLE_BATCH_SIZE,
                 progress=False,
             )
-            rates.append(score_samples(out).all_correct_rate)
+            score = score_samples(out)
+            rates.append(score.all_correct_rate)
+            for row in score.rows:
+                kind = f"{row['expected']['size']} {row['expected']['shape']}"
+                if kind in fills and row["reading"]["fill_ratio"] is not None:
+                    fills[kind].append(row["reading"]["fill_ratio"])
         results.append(
             {
                 "decoder": decoder["name"],
@@ -119,6 +129,7 @@ def main() -> None:
                 "train_s": decoder["train_s"],
                 "all_correct_per_seed": dict(zip(args.seeds, rates, strict=True)),
                 "all_correct_mean": statistics.mean(rates),
+                "median_fill": {kind: statistics.median(v) for kind, v in fills.items() if v},
             }
         )
     print(
@@ -126,12 +137,21 @@ def main() -> None:
         f"{args.threads} threads, 144 canonical captions per seed"
     )
     seeds = " | ".join(f"seed {seed}" for seed in args.seeds)
-    print(f"| decoder | train s | {seeds} | mean |")
-    print("|---|---:|" + "---:|" * (len(args.seeds) + 1))
+    fill_names = [f"{size} {kind}" for size, kind in FILL_KINDS]
+    fill_heads = " | ".join(f"{name} fill" for name in fill_names)
+    print(f"| decoder | train s | {seeds} | mean | {fill_heads} |")
+    print("|---|---:|" + "---:|" * (len(args.seeds) + 1 + len(fill_names)))
     for result in results:
         cells = " | ".join(f"{rate:.1%}" for rate in result["all_correct_per_seed"].values())
         train_s = "" if result["train_s"] is None else f"{result['train_s']:.0f}"
-        print(f"| {result['decoder']} | {train_s} | {cells} | {result['all_correct_mean']:.1%} |")
+        fill_cells = " | ".join(
+            f"{result['median_fill'][name]:.3f}" if name in result["median_fill"] else ""
+            for name in fill_names
+        )
+        print(
+            f"| {result['decoder']} | {train_s} | {cells} | "
+            f"{result['all_correct_mean']:.1%} | {fill_cells} |"
+        )
     if args.json:
         print(json.dumps(results))
 

@@ -71,26 +71,6 @@ def test_batch_elements_are_independent(tae, batch):
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
 
 
-def test_a_frozen_encoder_gives_the_same_pass_and_gradients_only_to_the_decoder(tae):
-    video = random_video(2, 8, 16, 16)
-    passes = {}
-    for train_encoder in (True, False):
-        tae.zero_grad(set_to_none=True)
-        reconstruction, mean, _ = tae(video, sample=False, train_encoder=train_encoder)
-        reconstruction.square().mean().backward()
-        passes[train_encoder] = (
-            reconstruction.detach(),
-            mean.requires_grad,
-            {name for name, p in tae.named_parameters() if p.grad is not None},
-        )
-    tae.zero_grad(set_to_none=True)
-    torch.testing.assert_close(passes[False][0], passes[True][0], atol=0, rtol=0)
-    encoder = {name for name, _ in tae.named_parameters() if name.startswith("encoder.")}
-    decoder = {name for name, _ in tae.named_parameters() if name.startswith("decoder.")}
-    assert passes[True][1] and passes[True][2] == encoder | decoder
-    assert not passes[False][1] and passes[False][2] == decoder
-
-
 def test_level_frame_counts():
     assert level_frame_counts(33, 4) == [33, 17, 9, 5]
     assert level_frame_counts(1, 4) == [1, 1, 1, 1]

@@ -133,6 +133,22 @@ def test_decoder_only_steps_train_the_decoder_on_a_fixed_encoder(shapes_data, tm
     assert [step for step, flag in flags if flag == 1.0] == list(range(13, 21))
 
 
+def test_decoder_only_pass_decodes_whole_clip_latents_at_the_busiest_window(shapes_data, tmp_path):
+    trainer = TAETrainer(debug_config(shapes_data), tmp_path / "run", progress=False)
+    video = next(trainer._batches())  # (B, 3, 8, 32, 32); the debug crop is 16 px
+    generator = torch.Generator().manual_seed(0)
+    target, reconstruction, mean, _ = trainer._decoder_only_pass(video, 0, 0, generator)
+    assert target.shape == reconstruction.shape == (*video.shape[:3], 16, 16)
+    assert mean.shape[-2:] == (4, 4) and not mean.requires_grad  # whole frames, no autograd
+    assert reconstruction.requires_grad
+    for clip, window in zip(video, target, strict=True):
+        aligned = [
+            clip[..., row : row + 16, col : col + 16] for row in (0, 8, 16) for col in (0, 8, 16)
+        ]
+        assert any(torch.equal(window, crop) for crop in aligned)  # on the 8 px latent grid
+        assert float(window.var()) == max(float(crop.var()) for crop in aligned)
+
+
 def test_decoder_only_phase_follows_a_fitted_schedule(shapes_data, tmp_path):
     # 100000 steps in a 3 s budget: the fitted schedule reaches the decoder-only
     # half long before the steps do; without fitting it never gets there.

@@ -619,18 +619,11 @@ class TAE(nn.Module):
         return self.decoder(latents.contiguous(memory_format=torch.channels_last_3d), counts)
 
     def forward(
-        self,
-        video: torch.Tensor,
-        *,
-        sample: bool = True,
-        generator: torch.Generator | None = None,
-        train_encoder: bool = True,
+        self, video: torch.Tensor, *, sample: bool = True, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training pass: ``(reconstruction, mean, logvar)``; reconstruction has
-        the input's shape. ``train_encoder=False`` runs the encoder without
-        autograd (decoder-only training: cheaper, and no gradient reaches it)."""
-        with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
-            mean, logvar = self.split_moments(self.encode_moments(video))
+        the input's shape."""
+        mean, logvar = self.split_moments(self.encode_moments(video))
         latents = mean
         if sample:
             noise = torch.randn(

@@ -44,7 +44,7 @@ from moviegen.eval.metrics import latent_outlier_stats, psnr, ssim
 from moviegen.eval.visualize import clip_grid
 from moviegen.tae.checkpoint import TAE_KIND
 from moviegen.tae.losses import TAELoss, TAELossConfig
-from moviegen.tae.model import TAE, TAEConfig, tae_recipe
+from moviegen.tae.model import COMPRESSION, TAE, TAEConfig, tae_recipe
 from moviegen.train.checkpoint import CheckpointManager
 from moviegen.train.distributed_run import (
     all_gather_sizes,
@@ -390,6 +390,58 @@ class TAETrainer(ResumableTraining):
             )
         return torch.stack(crops)
 
+    def _decoder_only_pass(
+        self, video: torch.Tensor, micro_batch: int, offset: int, posterior: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decoder-only pass: ``(target crops, reconstruction, mean, logvar)``.
+
+        The encoder sees whole clips, without autograd, so the decoder trains on
+        the latents it decodes at inference (those of whole frames, not of
+        crops). It decodes a ``crop_size`` window of them on the latent grid:
+        the window whose pixels vary most, ties drawn at random from a stream
+        keyed by the clip's position in the global batch. On sparse content
+        that window holds the whole object: measured on a trained demo TAE
+        and transformer, 300 decoder steps on such windows took the score of
+        the transformer's samples from 91.9% to 94.4% all correct, on random
+        windows to 91.0% (docs/BENCHMARKS.md). Clips are not cut in time.
+        """
+        model, data = self.model, self.config.data
+        with torch.no_grad():
+            mean, logvar = model.split_moments(model.encode_moments(video))
+            latents = mean
+            if self.config.sample_posterior:
+                noise = torch.randn(mean.shape, generator=posterior, dtype=mean.dtype)
+                latents = mean + torch.exp(0.5 * logvar) * noise.to(mean.device)
+        height, width = video.shape[-2:]
+        # Window and positions in latent cells; windows lie inside the (unpadded) frame.
+        cell = COMPRESSION
+        window_h = max(1, min(data.crop_size or height, height) // cell)
+        window_w = max(1, min(data.crop_size or width, width) // cell)
+        positions = [
+            (row, col)
+            for row in range(max(1, height // cell - window_h + 1))
+            for col in range(max(1, width // cell - window_w + 1))
+        ]
+        targets, windows = [], []
+        for position, (clip, clip_latents) in enumerate(
+            zip(video, latents, strict=True), start=offset
+        ):
+            generator = keyed_generator(self.config.seed, _CROP_STREAM, micro_batch, position)
+            order = torch.randperm(len(positions), generator=generator).tolist()
+            crops = [
+                clip[
+                    ..., row * cell : (row + window_h) * cell, col * cell : (col + window_w) * cell
+                ]
+                for row, col in (positions[index] for index in order)
+            ]
+            best = max(range(len(crops)), key=lambda index: float(crops[index].var()))
+            row, col = positions[order[best]]
+            targets.append(crops[best])
+            windows.append(clip_latents[..., row : row + window_h, col : col + window_w])
+        target = torch.stack(targets)
+        reconstruction = model.decode_latents(torch.stack(windows), num_frames=video.shape[2])
+        return target, reconstruction[..., : target.shape[-2], : target.shape[-1]], mean, logvar
+
     # ------------------------------------------------------------------ state
 
     def _train_state(self) -> dict:
@@ -453,14 +505,16 @@ class TAETrainer(ResumableTraining):
             # that of the global batch's mean, also when the ranks' batches differ.
             share = video.shape[0] / global_size
             scale = share * self.env.world_size
-            video = self._random_crop(video, micro_batch, offset).to(self.device)
             posterior = keyed_generator(config.seed, _POSTERIOR_STREAM, micro_batch, self.env.rank)
-            reconstruction, mean, logvar = self.model(
-                video,
-                sample=config.sample_posterior,
-                generator=posterior,
-                train_encoder=not decoder_only,
-            )
+            if decoder_only:
+                video, reconstruction, mean, logvar = self._decoder_only_pass(
+                    video.to(self.device), micro_batch, offset, posterior
+                )
+            else:
+                video = self._random_crop(video, micro_batch, offset).to(self.device)
+                reconstruction, mean, logvar = self.model(
+                    video, sample=config.sample_posterior, generator=posterior
+                )
             loss, micro_logs = self.loss.generator_loss(
                 video,
                 reconstruction,
