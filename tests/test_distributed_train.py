@@ -60,7 +60,9 @@ LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 1e-5
 # Overrides of every text-to-video launch: every step logged, no MFU benchmark.
 T2V_SETTINGS = ("log_every=1", "peak_flops=1e12", "sample_every=0")
-TAE_SETTINGS = ("log_every=1", "val_every=100")
+# The last 2 steps train the decoder alone (whole-clip latents, keyed windows),
+# so the relaunch at STOP_AT resumes into that phase.
+TAE_SETTINGS = ("log_every=1", "val_every=100", "decoder_only_steps=2")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -261,6 +263,8 @@ def test_tae_resume_after_relaunch_is_exact(tae_runs):
     resumed = losses(parts, "loss/total")
     assert [step for step, _ in resumed] == list(range(1, STEPS + 1))
     assert resumed == expected
+    flags = read_scalars(parts / "scalars.csv")["train/decoder_only"]
+    assert [flag for _, flag in flags] == [0.0] * (STEPS - 2) + [1.0] * 2
     for prefix in ("model.", "ema.shadow."):
         assert_equal_weights(dcp_weights(parts, prefix), dcp_weights(whole, prefix))
     # Rank 0 validated and wrote the preview; reconstruction loads the consolidated EMA.

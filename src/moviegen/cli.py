@@ -562,11 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = verbs.add_parser("demo", help="the built-in end-to-end demo on the shapes data")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--fresh", action="store_true", help="start over, reuse nothing")
-    demo.add_argument("--tae-budget", type=float, help="TAE training seconds (default 330)")
+    demo.add_argument("--tae-budget", type=float, help="TAE training seconds (default 290)")
     demo.add_argument(
         "--tae-steps", type=int, help="TAE steps, the cosine's length (default: the recipe's 1600)"
     )
-    demo.add_argument("--t2v-budget", type=float, help="transformer training seconds (default 500)")
+    demo.add_argument("--t2v-budget", type=float, help="transformer training seconds (default 460)")
     demo.add_argument(
         "--t2v-steps", type=int, help="transformer steps (default: the recipe's 2700)"
     )

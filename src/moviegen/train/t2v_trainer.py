@@ -88,7 +88,7 @@ __all__ = ["T2VTrainConfig", "T2VTrainer", "resolve_t2v_config", "t2v_train_reci
 SAMPLE_GRID_COLUMNS = 4
 SAMPLE_TILE_PIXELS = 128
 SAMPLE_FPS = 8
-# Steps of the ``tiny`` recipe: about 8 minutes on 2 CPU cores (the demo's
+# Steps of the ``tiny`` recipe: about 7.5 minutes on 2 CPU cores (the demo's
 # transformer budget; the demo fits the schedule to the budget, so a slower
 # machine ends the cosine earlier). The shapes captions need this length and
 # more: 85-95% all correct after 2400 steps, 89-90% after ~2250, 26-41% after

@@ -65,7 +65,7 @@ __all__ = ["TAEDataConfig", "TAETrainConfig", "TAETrainer", "tae_train_recipe"]
 # the data config keeps each file's own rate.
 NUM_PREVIEW_CLIPS = 4
 PREVIEW_FPS = 8
-# Steps of the ``cpu`` recipe: what 2 CPU cores train in about 5.5 minutes
+# Steps of the ``cpu`` recipe: what 2 CPU cores train in about 4.5-5 minutes
 # (the demo's TAE budget; the demo also fits the schedule to it, see
 # DemoConfig). After 1600 steps the shapes scorer reads 99% of the held-out
 # reconstructions right (78% after 820; docs/BENCHMARKS.md).
@@ -208,10 +208,10 @@ def tae_train_recipe(name: str) -> TAETrainConfig:
         # (measured: 29.92 dB with the EMA, 30.12 dB without, same run).
         ema_decay=0.0,
         # The decoder converges on a fixed latent space for the last steps.
-        # Measured on a trained demo TAE and transformer (3 x 144 samples):
-        # 300 more steps of decoder alone took generated small squares' and
-        # triangles' corners from round to sharp, all correct 89.4% -> 94.7%
-        # (docs/BENCHMARKS.md).
+        # The transformer's latents of small objects decode rounder on a decoder
+        # that chased a moving encoder: 300 decoder-only steps after training
+        # took the demo's samples (a fixed transformer, 3 x 144) from 89.4% to
+        # 94.7% all correct; in the recipe, one demo run 95.1% (docs/BENCHMARKS.md).
         decoder_only_steps=CPU_DECODER_ONLY_STEPS,
         # The gradient difference term sharpens small objects' edges: with it
         # the shapes scorer reads 78% of reconstructed held-out clips right
@@ -400,9 +400,9 @@ class TAETrainer(ResumableTraining):
         crops). It decodes a ``crop_size`` window of them on the latent grid:
         the window whose pixels vary most, ties drawn at random from a stream
         keyed by the clip's position in the global batch. On sparse content
-        that window holds the whole object: measured on a trained demo TAE
-        and transformer, 300 decoder steps on such windows took the score of
-        the transformer's samples from 91.9% to 94.4% all correct, on random
+        that window holds the whole object, which is what the steps are for:
+        300 decoder steps on windows centred on the object took a fixed demo
+        transformer's samples from 91.9% to 94.4% all correct, on random
         windows to 91.0% (docs/BENCHMARKS.md). Clips are not cut in time.
         """
         model, data = self.model, self.config.data
