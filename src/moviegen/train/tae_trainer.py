@@ -211,7 +211,8 @@ def tae_train_recipe(name: str) -> TAETrainConfig:
         # The transformer's latents of small objects decode rounder on a decoder
         # that chased a moving encoder: 300 decoder-only steps after training
         # took the demo's samples (a fixed transformer, 3 x 144) from 89.4% to
-        # 94.7% all correct; in the recipe, one demo run 95.1% (docs/BENCHMARKS.md).
+        # 94.7% all correct. Full demo runs with it scored 79.9-95.1%: the
+        # transformer's training still decides the spread (docs/BENCHMARKS.md).
         decoder_only_steps=CPU_DECODER_ONLY_STEPS,
         # The gradient difference term sharpens small objects' edges: with it
         # the shapes scorer reads 78% of reconstructed held-out clips right
