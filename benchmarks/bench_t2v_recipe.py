@@ -33,15 +33,12 @@ from pathlib import Path
 import torch
 
 from bench_tae_shapes import parse_variant  # same --variant syntax
-from moviegen.data.shapes import canonical_captions
 from moviegen.eval.shapes_score import score_samples
-from moviegen.pipeline.sample import SamplingOptions, TextToVideoPipeline, sample_to_folder
+from moviegen.pipeline.demo import DemoConfig, sample_captions
+from moviegen.pipeline.sample import TextToVideoPipeline
 from moviegen.train.t2v_trainer import T2VTrainer, resolve_t2v_config
 
 ATTRIBUTES = ("colour", "shape", "size", "direction")
-SAMPLE_BATCH = 48
-# The demo's clips: 16 frames of 64x64 at 8 fps.
-NUM_FRAMES, SIZE, FPS = 16, 64, 8
 
 
 def train(latents: Path, run: Path, overrides: list[str], seed: int) -> dict:
@@ -63,19 +60,9 @@ def train(latents: Path, run: Path, overrides: list[str], seed: int) -> dict:
 
 def sample_and_score(run: Path, out: Path, cfg: float, steps: int, seed: int) -> dict:
     pipeline = TextToVideoPipeline.from_checkpoint(run)
-    options = SamplingOptions(
-        num_frames=NUM_FRAMES, height=SIZE, width=SIZE, fps=FPS, steps=steps, cfg_scale=cfg
-    )
+    options = DemoConfig().sampling_options(cfg_scale=cfg, steps=steps)
     started = time.perf_counter()
-    sample_to_folder(
-        pipeline,
-        canonical_captions(),
-        out,
-        seed=seed,
-        options=options,
-        batch_size=SAMPLE_BATCH,
-        progress=False,
-    )
+    sample_captions(pipeline, out, seed=seed, options=options, progress=False)
     seconds = time.perf_counter() - started
     score = score_samples(out).to_dict()
     return {

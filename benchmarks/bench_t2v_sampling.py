@@ -32,15 +32,9 @@ from pathlib import Path
 import torch
 
 from bench_tae_shapes import parse_variant  # same --variant syntax
-from moviegen.data.shapes import canonical_captions
 from moviegen.eval.shapes_score import score_samples
-from moviegen.pipeline.demo import SAMPLE_BATCH_SIZE, DemoConfig
-from moviegen.pipeline.sample import (
-    SamplingOptions,
-    TextToVideoPipeline,
-    load_t2v,
-    sample_to_folder,
-)
+from moviegen.pipeline.demo import DemoConfig, sample_captions
+from moviegen.pipeline.sample import SamplingOptions, TextToVideoPipeline, load_t2v
 
 ATTRIBUTES = ("colour", "shape", "size", "direction")
 _STRING_FIELDS = ("schedule", "solver", "negative_prompt")
@@ -91,13 +85,11 @@ def main() -> None:
         pipeline.model = ema_model if use_ema else raw_model
         out = args.out / name
         started = time.perf_counter()
-        sample_to_folder(
+        sample_captions(
             pipeline,
-            canonical_captions(),
             out,
             seed=seed,
             options=DemoConfig().sampling_options(**changes),
-            batch_size=SAMPLE_BATCH_SIZE,
             progress=False,
         )
         seconds = time.perf_counter() - started

@@ -37,10 +37,9 @@ import torch
 
 from bench_tae_shapes import FILL_KINDS  # small squares and triangles
 from moviegen.config import config_from_dict
-from moviegen.data.shapes import canonical_captions
 from moviegen.eval.shapes_score import score_samples
-from moviegen.pipeline.demo import SAMPLE_BATCH_SIZE, DemoConfig
-from moviegen.pipeline.sample import TextToVideoPipeline, sample_to_folder
+from moviegen.pipeline.demo import DemoConfig, sample_captions
+from moviegen.pipeline.sample import TextToVideoPipeline
 from moviegen.tae.checkpoint import load_tae
 from moviegen.train.checkpoint import CheckpointManager
 from moviegen.train.checkpoint_files import CHECKPOINTS_DIRNAME
@@ -107,14 +106,8 @@ def main() -> None:
         fills: dict[str, list[float]] = {f"{size} {kind}": [] for size, kind in FILL_KINDS}
         for seed in args.seeds:
             out = args.out / f"samples_plus{decoder['extra_steps']}_seed{seed}"
-            sample_to_folder(
-                pipeline,
-                canonical_captions(),
-                out,
-                seed=seed,
-                options=DemoConfig().sampling_options(),
-                batch_size=SAMPLE_BATCH_SIZE,
-                progress=False,
+            sample_captions(
+                pipeline, out, seed=seed, options=DemoConfig().sampling_options(), progress=False
             )
             score = score_samples(out)
             rates.append(score.all_correct_rate)

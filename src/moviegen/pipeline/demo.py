@@ -44,7 +44,7 @@ from moviegen.text import default_text_encoders
 from moviegen.train.t2v_trainer import T2VTrainer, resolve_t2v_config
 from moviegen.train.tae_trainer import TAETrainer, resolve_config
 
-__all__ = ["DemoConfig", "run_demo"]
+__all__ = ["DemoConfig", "run_demo", "sample_captions"]
 
 NUM_STAGES = 9
 STAMP_FILE = "demo_stage.json"
@@ -191,18 +191,32 @@ def _steps_override(steps: int | None) -> list[str]:
     return [] if steps is None else [f"steps={steps}"]
 
 
-def _sample(config: DemoConfig, t2v_run: Path, samples: Path) -> dict[str, Any]:
-    pipeline = TextToVideoPipeline.from_checkpoint(t2v_run)
-    options = config.sampling_options()
-    started = time.perf_counter()
-    paths = sample_to_folder(
+def sample_captions(
+    pipeline: TextToVideoPipeline,
+    out: Path,
+    *,
+    seed: int,
+    options: SamplingOptions,
+    progress: bool = True,
+) -> list[Path]:
+    """The 144 canonical shapes captions into ``out`` (videos and
+    ``prompts.jsonl``, caption ``i`` with seed ``seed + i``), as the demo
+    samples them; what ``moviegen eval shapes`` scores."""
+    return sample_to_folder(
         pipeline,
         canonical_captions(),
-        samples,
-        seed=config.seed,
+        out,
+        seed=seed,
         options=options,
         batch_size=SAMPLE_BATCH_SIZE,
+        progress=progress,
     )
+
+
+def _sample(config: DemoConfig, t2v_run: Path, samples: Path) -> dict[str, Any]:
+    pipeline = TextToVideoPipeline.from_checkpoint(t2v_run)
+    started = time.perf_counter()
+    paths = sample_captions(pipeline, samples, seed=config.seed, options=config.sampling_options())
     seconds = time.perf_counter() - started
     return {"num_videos": len(paths), "seconds_per_video": seconds / len(paths)}
 
