@@ -87,6 +87,7 @@ def test_demo_runs_every_stage_and_reuses_finished_ones(tmp_path):
         ("t2v_steps", -5),
         ("sample_steps", 0),
         ("cfg_scale", 0.0),
+        ("sample_eta", 1.5),
     ],
 )
 def test_demo_config_rejects_bad_values(field, value):
@@ -136,6 +137,7 @@ def test_cli_demo_help_states_the_real_defaults(capsys):
         f"transformer steps (default: the recipe's {t2v_train_recipe(defaults.t2v_recipe).steps})",
         f"solver steps per video (default {defaults.sample_steps})",
         f"guidance scale (default {defaults.cfg_scale:g})",
+        f"share of fresh noise (default {defaults.sample_eta:g})",
     ):
         assert stated in text
 
@@ -143,9 +145,10 @@ def test_cli_demo_help_states_the_real_defaults(capsys):
 def test_demo_sampling_options_follow_the_config_and_take_changes():
     from moviegen.pipeline.demo import DemoConfig
 
-    config = DemoConfig(size=32, num_frames=8, sample_steps=12, cfg_scale=2.0)
+    config = DemoConfig(size=32, num_frames=8, sample_steps=12, cfg_scale=2.0, sample_eta=0.25)
     options = config.sampling_options()
     assert (options.height, options.width, options.num_frames) == (32, 32, 8)
     assert (options.steps, options.cfg_scale, options.fps) == (12, 2.0, config.fps)
+    assert options.eta == 0.25 and options.solver == "euler"
     changed = config.sampling_options(steps=50, cfg_interval=(0.5, 1.0))
     assert (changed.steps, changed.cfg_interval, changed.cfg_scale) == (50, (0.5, 1.0), 2.0)

@@ -311,9 +311,12 @@ def test_resume_with_another_model_is_refused(latents, t2v_run):
 # ----------------------------------------------------------------------------- sampling
 
 
-def test_same_seed_same_video_and_independent_of_batching(t2v_run):
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_same_seed_same_video_and_independent_of_batching(t2v_run, eta):
     pipeline = TextToVideoPipeline.from_checkpoint(t2v_run)
-    options = SamplingOptions(num_frames=FRAMES, height=SIZE, width=SIZE, steps=4, cfg_scale=3.0)
+    options = SamplingOptions(
+        num_frames=FRAMES, height=SIZE, width=SIZE, steps=4, cfg_scale=3.0, eta=eta
+    )
     alone = pipeline(["a small red circle moving left"], seeds=[5], options=options)[0]
     batched = pipeline(
         ["a large blue square moving up", "a small red circle moving left"],
@@ -324,6 +327,27 @@ def test_same_seed_same_video_and_independent_of_batching(t2v_run):
     np.testing.assert_allclose(alone.astype(int), batched[1].astype(int), atol=1)
     other = pipeline(["a small red circle moving left"], seeds=[6], options=options)[0]
     assert np.abs(other.astype(int) - alone.astype(int)).mean() > 0
+
+
+def test_stochastic_sampling_renews_noise_from_the_prompt_seed(t2v_run):
+    pipeline = TextToVideoPipeline.from_checkpoint(t2v_run)
+    assert pipeline.path.sigma_min == load_t2v(t2v_run)[1]["config"]["sigma_min"]
+    options = SamplingOptions(num_frames=FRAMES, height=SIZE, width=SIZE, steps=4, cfg_scale=3.0)
+    prompt, seed = ["a small red circle moving left"], [3]
+    ode = pipeline(prompt, seeds=seed, options=options)[0]
+    stochastic = pipeline(prompt, seeds=seed, options=replace(options, eta=1.0))[0]
+    assert np.abs(stochastic.astype(int) - ode.astype(int)).mean() > 0
+    # One step has no step before the last, so nothing is renewed: the ODE's video.
+    one_step = replace(options, steps=1, schedule="uniform")
+    np.testing.assert_array_equal(
+        pipeline(prompt, seeds=seed, options=replace(one_step, eta=1.0))[0],
+        pipeline(prompt, seeds=seed, options=one_step)[0],
+    )
+    for bad in (dict(eta=-0.5), dict(eta=1.5)):
+        with pytest.raises(ValueError, match="eta must be in"):
+            replace(options, **bad)
+    with pytest.raises(ValueError, match="solver must be 'euler'"):
+        replace(options, eta=0.5, solver="heun")
 
 
 def test_guidance_interval_outside_every_step_is_conditional_sampling(t2v_run):

@@ -117,6 +117,22 @@ def test_fitted_schedule_keeps_the_whole_warmup(shapes_data, tmp_path):
     assert rates[True][-1] < 0.2 * config.lr  # and the fitted schedule still decays
 
 
+def test_schedule_fitted_to_an_ample_budget_is_the_plain_schedule(shapes_data, tmp_path):
+    # A budget the run fits in never moves the schedule, so the run is as
+    # reproducible as one without a budget: same rates, same weights.
+    runs = {}
+    for fit in (False, True):
+        budget = {"time_budget_s": 1000.0, "fit_schedule_to_budget": True} if fit else {}
+        config = debug_config(shapes_data, log_every=1, **budget)
+        trainer = TAETrainer(config, tmp_path / f"fit_{fit}", progress=False)
+        trainer.train()
+        rates = [lr for _, lr in read_scalars(tmp_path / f"fit_{fit}" / "scalars.csv")["train/lr"]]
+        runs[fit] = (rates, trainer.model.state_dict())
+    assert len(runs[True][0]) == 20 and runs[True][0] == runs[False][0]
+    for name, value in runs[False][1].items():
+        assert torch.equal(runs[True][1][name], value), name
+
+
 def test_decoder_only_steps_train_the_decoder_on_a_fixed_encoder(shapes_data, tmp_path):
     # The last 8 of 20 steps train the decoder alone.
     config = debug_config(shapes_data, decoder_only_steps=8, log_every=1)

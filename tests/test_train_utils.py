@@ -15,7 +15,7 @@ from torch import nn
 from moviegen.train.ema import EMA, warmup_decay
 from moviegen.train.logging import ScalarLogger, plot_curves, read_scalars
 from moviegen.train.rng import capture_rng_state, restore_rng_state
-from moviegen.train.schedule import budget_position, build_scheduler, lr_lambda
+from moviegen.train.schedule import FIT_TOLERANCE, budget_position, build_scheduler, lr_lambda
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -164,24 +164,42 @@ def test_constant_schedule_and_no_warmup():
 
 
 def test_budget_position():
+    exact = {"tolerance": 0.0}
     # On pace or ahead: the step itself.
-    assert budget_position(30, 100, seconds=20.0, budget_s=100.0) == 30
+    assert budget_position(30, 100, seconds=20.0, budget_s=100.0, **exact) == 30
     # Behind: half the budget spent after 10 of 100 steps -> the schedule's middle.
-    assert budget_position(10, 100, seconds=50.0, budget_s=100.0) == 50
+    assert budget_position(10, 100, seconds=50.0, budget_s=100.0, **exact) == 50
     # Budget spent: the schedule's end, never beyond it.
-    assert budget_position(10, 100, seconds=250.0, budget_s=100.0) == 100
-    assert budget_position(120, 100, seconds=250.0, budget_s=100.0) == 120
+    assert budget_position(10, 100, seconds=250.0, budget_s=100.0, **exact) == 100
+    assert budget_position(120, 100, seconds=250.0, budget_s=100.0, **exact) == 120
     with pytest.raises(ValueError, match="budget_s"):
         budget_position(1, 10, seconds=1.0, budget_s=0.0)
+    with pytest.raises(ValueError, match="tolerance"):
+        budget_position(1, 10, seconds=1.0, budget_s=10.0, tolerance=1.0)
+
+
+def test_budget_position_lets_a_run_lag_by_the_tolerance():
+    assert FIT_TOLERANCE == 0.05
+    # 5 of 1000 steps behind the pace at most: never moved.
+    for step, seconds in ((100, 14.9), (500, 54.9), (940, 98.9)):
+        assert budget_position(step, 1000, seconds, budget_s=100.0) == step
+    # Further behind: moved on, to the tolerance behind the pace.
+    assert budget_position(100, 1000, seconds=30.0, budget_s=100.0) == 250
+    # The budget spent: 5% before the schedule's end (a cosine's flat tail).
+    assert budget_position(500, 1000, seconds=100.0, budget_s=100.0) == 950
 
 
 def test_budget_position_never_shortens_the_warmup():
+    exact = {"tolerance": 0.0}
     # Far behind the budget, but inside the 20 warmup steps: the step itself.
     for step in range(20):
-        assert budget_position(step, 100, seconds=90.0, budget_s=100.0, warmup_steps=20) == step
+        assert (
+            budget_position(step, 100, seconds=90.0, budget_s=100.0, warmup_steps=20, **exact)
+            == step
+        )
     # After the warmup the budget moves the schedule on as before.
-    assert budget_position(20, 100, seconds=90.0, budget_s=100.0, warmup_steps=20) == 90
-    assert budget_position(30, 100, seconds=20.0, budget_s=100.0, warmup_steps=20) == 30
+    assert budget_position(20, 100, seconds=90.0, budget_s=100.0, warmup_steps=20, **exact) == 90
+    assert budget_position(30, 100, seconds=20.0, budget_s=100.0, warmup_steps=20, **exact) == 30
 
 
 def test_schedule_validation():

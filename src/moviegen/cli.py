@@ -262,6 +262,7 @@ def _sample(args: argparse.Namespace) -> int:
         cfg_interval=tuple(args.cfg_interval),
         negative_prompt=args.negative_prompt,
         solver=args.solver,
+        eta=args.eta,
     )
     pipeline = TextToVideoPipeline.from_checkpoint(args.checkpoint, tae=args.tae)
     if args.prompts_file is not None:
@@ -358,6 +359,7 @@ def _demo(args: argparse.Namespace) -> int:
         "sample_steps": args.sample_steps,
         "cfg_scale": args.cfg,
         "cfg_interval": None if args.cfg_interval is None else tuple(args.cfg_interval),
+        "sample_eta": args.eta,
     }
     # Options left out keep the 15-minute defaults; bad values raise ValueError.
     config = DemoConfig(
@@ -503,6 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--negative-prompt", default="")
     sample.add_argument("--solver", default="euler", help="euler | heun")
+    sample.add_argument(
+        "--eta",
+        type=float,
+        default=0.0,
+        help="stochastic Euler: share of the noise drawn afresh each step, in [0, 1] "
+        "(default 0: the deterministic ODE)",
+    )
     sample.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
     sample.add_argument("--batch-size", type=int, default=16, help="prompts solved at once")
     sample.add_argument("--tae", type=Path, default=None, help="override the recorded TAE")
@@ -578,6 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=2,
         metavar=("LO", "HI"),
         help="guide only at flow times in [LO, HI] (0 noise, 1 data)",
+    )
+    demo.add_argument(
+        "--eta",
+        type=float,
+        help="stochastic Euler sampling (1 ancestral, 0 the ODE): share of fresh noise (default 1)",
     )
     demo.set_defaults(run=_demo)
     return parser

@@ -4,7 +4,8 @@
   its velocity target and the data estimate implied by a velocity.
 - :mod:`~moviegen.flow.timesteps`: training-time samplers of t (logit-normal, uniform).
 - :mod:`~moviegen.flow.schedules`: sampling-time grids (linear-quadratic, uniform).
-- :mod:`~moviegen.flow.solvers`: Euler and Heun integration of any ``velocity_fn(x, t)``.
+- :mod:`~moviegen.flow.solvers`: Euler and Heun integration of any ``velocity_fn(x, t)``, and
+  Euler with fresh noise (``stochastic_euler_solve``).
 - :mod:`~moviegen.flow.guidance`: classifier-free guidance around ``velocity_fn(x, t, cond)``.
 """
 
@@ -20,7 +21,14 @@ from moviegen.flow.schedules import (
     linear_quadratic_time,
     uniform_schedule,
 )
-from moviegen.flow.solvers import VelocityFn, euler_solve, heun_solve, solve
+from moviegen.flow.solvers import (
+    NoiseFn,
+    VelocityFn,
+    euler_solve,
+    heun_solve,
+    solve,
+    stochastic_euler_solve,
+)
 from moviegen.flow.timesteps import (
     LogitNormalSampler,
     TimestepSampler,
@@ -36,6 +44,7 @@ __all__ = [
     "ConditionalVelocityFn",
     "FlowPath",
     "LogitNormalSampler",
+    "NoiseFn",
     "TimestepSampler",
     "UniformSampler",
     "VelocityFn",
@@ -46,5 +55,6 @@ __all__ = [
     "linear_quadratic_schedule",
     "linear_quadratic_time",
     "solve",
+    "stochastic_euler_solve",
     "uniform_schedule",
 ]

@@ -13,6 +13,11 @@ below bf16 resolution and round away. ``velocity_fn`` therefore receives
 float32 inputs for bf16 latents (the model casts, or runs under autocast),
 and the result is cast back to ``x0``'s dtype.
 
+:func:`stochastic_euler_solve` is the one solver that knows the path: each step
+it splits the state into the data and noise estimates that the velocity
+implies, replaces a share of the noise estimate by fresh noise and moves to
+the next time along the path (DDIM's eta, written for the flow path).
+
 ``callback(step_index, t, x)``, when given, is called after every step with
 the 0-based index of the step just taken, the (Python float) time the state
 has reached, and the state itself; use it for previews (with
@@ -22,16 +27,31 @@ in place.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-__all__ = ["SOLVERS", "StepCallback", "VelocityFn", "euler_solve", "heun_solve", "solve"]
+from moviegen.flow.path import FlowPath
+
+__all__ = [
+    "SOLVERS",
+    "NoiseFn",
+    "StepCallback",
+    "VelocityFn",
+    "euler_solve",
+    "heun_solve",
+    "solve",
+    "stochastic_euler_solve",
+]
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, float, Tensor], None]
+# ``noise_fn(x) -> eps``: fresh standard normal noise of ``x``'s shape (for the
+# stochastic solver; the caller decides how it is seeded, e.g. one generator per row).
+NoiseFn = Callable[[Tensor], Tensor]
 
 
 def _schedule_times(schedule: Tensor | Sequence[float]) -> list[float]:
@@ -142,6 +162,74 @@ def heun_solve(
         return x + (0.5 * h) * (v_start + v_end)
 
     return _integrate("heun", step, x0, schedule, progress, callback)
+
+
+def stochastic_euler_solve(
+    velocity_fn: VelocityFn,
+    x0: Tensor,
+    schedule: Tensor | Sequence[float],
+    *,
+    eta: float,
+    noise_fn: NoiseFn,
+    path: FlowPath | None = None,
+    progress: bool = False,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Euler with fresh noise (DDIM's ``eta`` on the flow path); one evaluation per step.
+
+    At ``(x, t)`` the velocity ``v`` implies a data estimate ``x1`` and a noise
+    estimate ``n`` (:meth:`FlowPath.predict_x1`, :meth:`FlowPath.predict_x0`:
+    ``x = t x1 + c_t n`` with ``c_t = 1 - (1 - sigma_min) t``). The step to
+    ``s`` lands on the path point at ``s`` between ``x1`` and the noise
+    ``sqrt(1 - r^2) n + r eps`` (``eps = noise_fn(x)``), where ``r c_s`` is
+    ``eta`` times the spread of ``X_s`` given ``X_t`` and ``X_1`` on the path
+    (the DDPM posterior): ``r = eta * sqrt(1 - (t c_s / (s c_t))^2)``. With
+    ``eta = 1`` that is ancestral sampling, ``eta = 0`` is :func:`euler_solve`;
+    for an exact velocity every ``eta`` keeps the path's marginals as the steps
+    shrink, while errors of a learned velocity are partly forgotten instead of
+    carried to the end. The step that reaches ``schedule[-1]`` adds no noise.
+
+    Args:
+        velocity_fn, x0, schedule, progress, callback: as :func:`euler_solve`.
+        eta: Share of the posterior spread drawn afresh, in ``[0, 1]``.
+        noise_fn: ``noise_fn(x) -> eps`` of ``x``'s shape (see :data:`NoiseFn`).
+        path: The flow path the velocity was trained on (its ``sigma_min``);
+            default ``FlowPath()``.
+
+    Returns:
+        The state at ``schedule[-1]``, ``x0``'s shape and dtype.
+
+    Raises:
+        ValueError: ``eta`` outside ``[0, 1]``, noise of the wrong shape, or
+            anything :func:`euler_solve` refuses.
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    path = FlowPath() if path is None else path
+    end = _schedule_times(schedule)[-1]
+
+    def renewed_share(t: float, s: float) -> float:
+        """``r`` of the docstring for a step from ``t`` to ``s``."""
+        c_t, c_s = (1.0 - path._noise_decay * time for time in (t, s))
+        kept = t * c_s / (s * c_t) if s > 0 else 1.0
+        return eta * math.sqrt(max(0.0, 1.0 - min(kept, 1.0) ** 2))
+
+    def step(x: Tensor, t_start: float, t_end: float) -> Tensor:
+        v = _velocity(velocity_fn, x, t_start)
+        if eta == 0.0 or t_end == end:
+            return x + (t_end - t_start) * v
+        t_now = torch.full((x.shape[0],), t_start, dtype=x.dtype, device=x.device)
+        data, noise = path.predict_x1(x, v, t_now), path.predict_x0(x, v, t_now)
+        eps = noise_fn(x)
+        if eps.shape != x.shape:
+            raise ValueError(
+                f"noise_fn returned shape {tuple(eps.shape)} for a state of shape {tuple(x.shape)}"
+            )
+        share = renewed_share(t_start, t_end)
+        fresh = math.sqrt(1.0 - share * share) * noise + share * eps.to(x.device, x.dtype)
+        return path.interpolate(fresh, data, torch.full_like(t_now, t_end))
+
+    return _integrate("euler", step, x0, schedule, progress, callback)
 
 
 SOLVERS: dict[str, Callable[..., Tensor]] = {"euler": euler_solve, "heun": heun_solve}

@@ -6,7 +6,9 @@ The pipeline runs in numbered stages:
 2. prepare the noise, one generator per prompt seeded by its own seed, so a
    video depends on its prompt and seed only (not on what it was batched with);
 3. solve the flow ODE from t=0 (noise) to t=1 (data) with classifier-free
-   guidance on the linear-quadratic schedule;
+   guidance on the linear-quadratic schedule (or, with ``eta > 0``, the
+   stochastic Euler sampler, whose fresh noise comes from the same per-prompt
+   generators);
 4. decode the latents with the TAE (tiled above one tile, automatically);
 5. write the videos (and ``prompts.jsonl`` when sampling into a folder).
 
@@ -32,7 +34,14 @@ from moviegen.config import atomic_write_text, config_from_dict
 from moviegen.data.precompute import concat_text_features, repeat_text_features
 from moviegen.data.transforms import add_fps_prefix, to_uint8_frames
 from moviegen.data.video_io import write_video
-from moviegen.flow import ClassifierFreeGuidance, build_schedule, solve
+from moviegen.flow import (
+    SIGMA_MIN,
+    ClassifierFreeGuidance,
+    FlowPath,
+    build_schedule,
+    solve,
+    stochastic_euler_solve,
+)
 from moviegen.flow.guidance import check_interval
 from moviegen.tae.checkpoint import load_tae
 from moviegen.tae.model import TAE
@@ -73,6 +82,9 @@ class SamplingOptions:
     cfg_interval: tuple[float, float] = (0.0, 1.0)
     schedule: str = "linear_quadratic"
     solver: str = "euler"
+    # Stochastic Euler (moviegen.flow.stochastic_euler_solve): the share of the
+    # posterior spread drawn afresh each step; 0 solves the ODE. Euler only.
+    eta: float = 0.0
     negative_prompt: str = ""  # the unconditional branch of CFG
 
     def __post_init__(self) -> None:
@@ -82,6 +94,12 @@ class SamplingOptions:
             raise ValueError(f"fps must be positive, got {self.fps}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
+        if self.eta > 0 and self.solver != "euler":
+            raise ValueError(
+                f"eta > 0 is a stochastic Euler sampler; solver must be 'euler', got {self.solver!r}"
+            )
         check_interval(self.cfg_interval)
 
 
@@ -144,23 +162,28 @@ def generate_latents(
     cfg_interval: tuple[float, float] = (0.0, 1.0),
     schedule: str = "linear_quadratic",
     solver: str = "euler",
+    eta: float = 0.0,
+    path: FlowPath | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Solve the flow ODE for a batch: ``(B, C, T', H', W')`` normalised latents.
 
     ``text`` and ``negative_text`` hold ``B`` rows each; ``seeds[i]`` fixes the
     noise of row ``i`` (drawn on the CPU, so the same seed gives the same video
-    on any device).
+    on any device). With ``eta > 0`` the stochastic Euler sampler draws its
+    fresh noise from the same per-row generators, after the starting noise;
+    ``path`` is the flow path the model was trained on.
     """
     device = next(model.parameters()).device
     text = {name: (h.to(device), m.to(device)) for name, (h, m) in text.items()}
     negative_text = {name: (h.to(device), m.to(device)) for name, (h, m) in negative_text.items()}
-    noise = torch.stack(
-        [
-            torch.randn(tuple(latent_shape), generator=torch.Generator().manual_seed(s))
-            for s in seeds
-        ]
-    ).to(device)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def draw_noise() -> torch.Tensor:
+        rows = [torch.randn(tuple(latent_shape), generator=g) for g in generators]
+        return torch.stack(rows).to(device)
+
+    noise = draw_noise()
 
     def velocity(x: torch.Tensor, t: torch.Tensor, cond: TextFeatures) -> torch.Tensor:
         return model(x, t, cond)
@@ -175,6 +198,18 @@ def generate_latents(
     )
     grid = build_schedule(schedule, steps)  # float64 on the CPU; the solver casts t
     model.eval()
+    if eta > 0:
+        if solver != "euler":
+            raise ValueError(f"eta > 0 needs solver 'euler', got {solver!r}")
+        return stochastic_euler_solve(
+            guided,
+            noise,
+            grid,
+            eta=eta,
+            noise_fn=lambda x: draw_noise(),
+            path=path,
+            progress=progress,
+        )
     return solve(guided, noise, grid, method=solver, progress=progress)
 
 
@@ -209,6 +244,7 @@ class TextToVideoPipeline:
         conditioner: TextConditioner,
         *,
         fps_prefix: bool = True,
+        sigma_min: float = SIGMA_MIN,
     ):
         if not bool(tae.has_latent_stats):
             raise ValueError("the TAE has no latent statistics; run `moviegen tae stats` first")
@@ -216,6 +252,7 @@ class TextToVideoPipeline:
         self.tae = tae.eval()
         self.conditioner = conditioner
         self.fps_prefix = fps_prefix
+        self.path = FlowPath(sigma_min)  # the path the model was trained on
 
     @classmethod
     def from_checkpoint(
@@ -246,7 +283,11 @@ class TextToVideoPipeline:
                 f"with {precompute['text_dims']}"
             )
         return cls(
-            model, tae_model, conditioner, fps_prefix=precompute["config"].get("fps_prefix", True)
+            model,
+            tae_model,
+            conditioner,
+            fps_prefix=precompute["config"].get("fps_prefix", True),
+            sigma_min=metadata["config"].get("sigma_min", SIGMA_MIN),
         )
 
     # -- stage 1
@@ -288,6 +329,8 @@ class TextToVideoPipeline:
             cfg_interval=options.cfg_interval,
             schedule=options.schedule,
             solver=options.solver,
+            eta=options.eta,
+            path=self.path,
             progress=progress,
         )
         video = self.tae.decode(  # 4. decode

@@ -135,8 +135,9 @@ class ResumableTraining:
         budget is being spent faster than the steps, so the schedule still ends
         when the budget stops the run (a slower machine gets a shorter, complete
         schedule rather than a cut-off one). The clock is the slowest rank's, so
-        every rank uses the same rate. Runs with a budget are then not
-        bit-reproducible (their rates depend on time)."""
+        every rank uses the same rate. A run that never lags its budget's pace
+        by more than the tolerance is never moved and is as reproducible as
+        without a budget; one that does depends on time."""
         config = self.config
         if config.fit_schedule_to_budget and config.time_budget_s is not None:
             seconds = max_over_ranks(self.train_seconds, self.device)
