@@ -4,7 +4,7 @@ Samples the 144 canonical shapes captions from one trained text-to-video run
 once per variant and scores them with the shapes scorer (`moviegen eval
 shapes`). A variant changes the sampling options (any field of
 ``SamplingOptions``: ``steps``, ``cfg_scale``, ``cfg_interval``, ``schedule``,
-``solver``), the noise seeds (``seed``: prompt i gets seed + i) or the weights
+``solver``, ``eta``), the noise seeds (``seed``: prompt i gets seed + i) or the weights
 (``ema=false`` samples the trained weights of a run that also kept an EMA).
 Nothing is trained, so variants compare on the same model; one set of 144
 samples still varies by a few points with the seeds, so compare across seeds
@@ -13,12 +13,13 @@ and across models before believing a difference.
 Usage::
 
     python benchmarks/bench_t2v_sampling.py --run runs/demo/t2v \\
-        --variant "demo=" --variant "seeds1000=seed=1000" \\
+        --variant "demo=" --variant "seeds1000=seed=1000" --variant "ode=eta=0" \\
         --variant "raw=ema=false" --variant "late-cfg=cfg_scale=3,cfg_interval=[0.7,1.0]" \\
         [--threads 2] [--out /tmp/t2v_sampling] [--json]
 
 ``--variant NAME=KEY=VALUE[,KEY=VALUE...]``; unnamed keys keep the demo's
-sampling (30 Euler steps of the linear-quadratic schedule, CFG 1.5, seed 0).
+sampling (30 stochastic Euler steps of the linear-quadratic schedule with eta 1,
+CFG 1.5, seed 0).
 """
 
 from __future__ import annotations
