@@ -492,8 +492,36 @@ def test_cli_errors_are_clear(t2v_run, tmp_path, capsys):
         ]
     )
     assert code == USAGE_ERROR and "multiple of 16" in capsys.readouterr().err
+    sample = ["sample", "--checkpoint", str(t2v_run), "--prompt", "a cat"]
+    code = main([*sample, "--eta", "2", "--output", str(tmp_path / "x.mp4")])
+    assert code == USAGE_ERROR and "eta must be in [0, 1]" in capsys.readouterr().err
+    code = main([*sample, "--eta", "1", "--solver", "heun", "--output", str(tmp_path / "x.mp4")])
+    assert code == USAGE_ERROR and "solver must be 'euler'" in capsys.readouterr().err
     code = main(["train", "--latents", str(tmp_path), "--out", str(tmp_path / "run")])
     assert code == USAGE_ERROR and "not a precompute folder" in capsys.readouterr().err
+
+
+def test_cli_sample_eta_selects_the_stochastic_sampler(t2v_run, tmp_path):
+    from moviegen.data.video_io import read_video
+
+    videos = {}
+    for eta in ("0", "1"):
+        path = tmp_path / f"eta{eta}.mkv"  # lossless, so the comparison sees the solver
+        args = [
+            "sample",
+            "--checkpoint",
+            str(t2v_run),
+            "--prompt",
+            "a small red circle moving left",
+        ]
+        extra = ["--size", str(SIZE), "--num-frames", str(FRAMES), "--steps", "4", "--seed", "3"]
+        assert main([*args, *extra, "--eta", eta, "--output", str(path), "--quiet"]) == 0
+        videos[eta] = read_video(path)
+    pipeline = TextToVideoPipeline.from_checkpoint(t2v_run)
+    options = SamplingOptions(num_frames=FRAMES, height=SIZE, width=SIZE, steps=4, eta=1.0)
+    expected = pipeline(["a small red circle moving left"], seeds=[3], options=options)[0]
+    np.testing.assert_array_equal(videos["1"], expected)
+    assert np.abs(videos["1"].astype(int) - videos["0"].astype(int)).mean() > 0
 
 
 def test_cli_info_prints_the_30b_parameter_count(capsys):
