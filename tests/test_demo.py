@@ -23,10 +23,11 @@ def test_demo_runs_every_stage_and_reuses_finished_ones(tmp_path):
         tae_recipe="debug",
         stats_clips=8,
         t2v_recipe="debug",
-        t2v_time_budget_s=60.0,
+        t2v_time_budget_s=100.0,
         t2v_steps=3,  # the step counts, not the budgets, end these runs
         tae_steps=12,  # past the debug recipe's val_every (10)
         tae_time_budget_s=60.0,
+        training_budget_s=80.0,  # the transformer gets 80 s minus the TAE's seconds
         sample_steps=2,
     )
     lines: list[str] = []
@@ -53,6 +54,10 @@ def test_demo_runs_every_stage_and_reuses_finished_ones(tmp_path):
     assert [line.split(",")[0] for line in scalars if ",val/psnr," in line] == ["12"]
     t2v_config = json.loads((config.out / "t2v" / "config.json").read_text())
     assert t2v_config["steps"] == 3
+    tae_stamp = json.loads((config.out / "tae" / "demo_stage.json").read_text())
+    tae_seconds = tae_stamp["result"]["train_seconds"]
+    assert 0 < tae_seconds < 20
+    assert t2v_config["time_budget_s"] == pytest.approx(80.0 - tae_seconds)
     assert (config.out / "t2v" / "checkpoints" / "step_00000003").is_dir()
 
     again: list[str] = []
@@ -81,6 +86,7 @@ def test_demo_runs_every_stage_and_reuses_finished_ones(tmp_path):
 @pytest.mark.parametrize(
     ("field", "value"),
     [
+        ("training_budget_s", 0.0),
         ("tae_time_budget_s", 0.0),
         ("t2v_time_budget_s", -1.0),
         ("tae_steps", 0),
@@ -93,6 +99,16 @@ def test_demo_runs_every_stage_and_reuses_finished_ones(tmp_path):
 def test_demo_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         DemoConfig(**{field: value})
+
+
+def test_transformer_budget_is_what_the_tae_left_up_to_its_own():
+    config = DemoConfig(training_budget_s=750.0, tae_time_budget_s=330.0, t2v_time_budget_s=460.0)
+    assert config.t2v_budget_s(280.0) == 460.0  # a TAE at the usual speed leaves it all
+    assert config.t2v_budget_s(320.0) == 430.0  # a slow TAE's extra time comes off it
+    with pytest.raises(ValueError, match="left none"):
+        replace(config, training_budget_s=340.0).t2v_budget_s(345.0)
+    with pytest.raises(ValueError, match="must exceed tae_time_budget_s"):
+        DemoConfig(training_budget_s=300.0, tae_time_budget_s=330.0)
 
 
 def test_contact_sheet_rows_show_every_shape_and_direction():
@@ -131,9 +147,10 @@ def test_cli_demo_help_states_the_real_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     defaults = DemoConfig()
     for stated in (
-        f"TAE training seconds (default {defaults.tae_time_budget_s:g})",
+        f"TAE + transformer training seconds (default {defaults.training_budget_s:g})",
+        f"TAE training seconds, at most (default {defaults.tae_time_budget_s:g})",
         f"(default: the recipe's {tae_train_recipe(defaults.tae_recipe).steps})",
-        f"transformer training seconds (default {defaults.t2v_time_budget_s:g})",
+        f"transformer training seconds, at most (default {defaults.t2v_time_budget_s:g})",
         f"transformer steps (default: the recipe's {t2v_train_recipe(defaults.t2v_recipe).steps})",
         f"solver steps per video (default {defaults.sample_steps})",
         f"guidance scale (default {defaults.cfg_scale:g})",

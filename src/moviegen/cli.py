@@ -352,6 +352,7 @@ def _demo(args: argparse.Namespace) -> int:
     from moviegen.pipeline.demo import DemoConfig, run_demo
 
     options = {
+        "training_budget_s": args.training_budget,
         "tae_time_budget_s": args.tae_budget,
         "tae_steps": args.tae_steps,
         "t2v_time_budget_s": args.t2v_budget,
@@ -571,11 +572,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo = verbs.add_parser("demo", help="the built-in end-to-end demo on the shapes data")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--fresh", action="store_true", help="start over, reuse nothing")
-    demo.add_argument("--tae-budget", type=float, help="TAE training seconds (default 290)")
+    demo.add_argument(
+        "--training-budget",
+        type=float,
+        help="TAE + transformer training seconds (default 750); the transformer gets what "
+        "the TAE leaves",
+    )
+    demo.add_argument(
+        "--tae-budget", type=float, help="TAE training seconds, at most (default 330)"
+    )
     demo.add_argument(
         "--tae-steps", type=int, help="TAE steps, the cosine's length (default: the recipe's 1600)"
     )
-    demo.add_argument("--t2v-budget", type=float, help="transformer training seconds (default 460)")
+    demo.add_argument(
+        "--t2v-budget", type=float, help="transformer training seconds, at most (default 460)"
+    )
     demo.add_argument(
         "--t2v-steps", type=int, help="transformer steps (default: the recipe's 2700)"
     )
