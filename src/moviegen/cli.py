@@ -575,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--training-budget",
         type=float,
-        help="TAE + transformer training seconds (default 750); the transformer gets what "
+        help="TAE + transformer training seconds (default 725); the transformer gets what "
         "the TAE leaves",
     )
     demo.add_argument(
