@@ -324,6 +324,18 @@ def test_solvers_integrate_constant_velocity_exactly(method, schedule):
     torch.testing.assert_close(out, x0 + velocity, rtol=0, atol=1e-12)
 
 
+def single_point_field(fp: FlowPath, x1: torch.Tensor):
+    """The flow-matching velocity when the data is the single point ``x1``:
+    ``u(x, t) = (x1 - (1 - s) x) / (1 - (1 - s) t)``."""
+    decay = 1 - fp.sigma_min
+
+    def field(x, t):
+        t = t.view(-1, *[1] * (x.dim() - 1))
+        return (x1 - decay * x) / (1 - decay * t)
+
+    return field
+
+
 @pytest.mark.parametrize("method", ["euler", "heun"])
 @pytest.mark.parametrize("num_steps", [2, 7, 50])
 def test_solvers_follow_the_straight_flow_path_to_the_data(method, num_steps):
@@ -333,12 +345,8 @@ def test_solvers_follow_the_straight_flow_path_to_the_data(method, num_steps):
     the constant target, so every step lands back on the path.
     """
     fp = FlowPath(sigma_min=1e-3)
-    decay = 1 - fp.sigma_min
     x0, x1 = randn(*LATENT_SHAPE), randn(*LATENT_SHAPE, seed=1)
-
-    def conditional_field(x, t):
-        t = t.view(-1, *[1] * (x.dim() - 1))
-        return (x1 - decay * x) / (1 - decay * t)
+    conditional_field = single_point_field(fp, x1)
 
     for grid in (linear_quadratic_schedule(num_steps), random_schedule(num_steps, seed=3)):
         out = solve(conditional_field, x0, grid, method=method)
@@ -488,17 +496,13 @@ def test_stochastic_euler_lands_on_a_single_data_point_whatever_the_noise(eta):
     """With one data point every noise estimate is exactly consistent with it, so the
     renewed noise changes the route but not the end: the data plus sigma_min of noise."""
     fp = FlowPath(sigma_min=1e-3)
-    decay = 1 - fp.sigma_min
     x0, x1 = randn(*LATENT_SHAPE), randn(*LATENT_SHAPE, seed=1)
-
-    def single_point_field(x, t):
-        t = t.view(-1, *[1] * (x.dim() - 1))
-        return (x1 - decay * x) / (1 - decay * t)
+    field = single_point_field(fp, x1)
 
     for grid in (linear_quadratic_schedule(20), random_schedule(9, seed=4)):
         route = []
         out = stochastic_euler_solve(
-            single_point_field,
+            field,
             x0,
             grid,
             eta=eta,
