@@ -192,7 +192,8 @@ def test_decoded_window_cache_returns_the_same_clips_and_respects_its_cap(clip_f
 
     monkeypatch.setattr(dataset_module, "read_video", counting_read)
     plain = VideoTextDataset(records, num_frames=4, size=(16, 16), seed=5)
-    # One 4-frame 16x16 window is 3 KiB: room for two of them, not three.
+    # One 4-frame 16x16 window is 3 KiB: room for two of them, not three; far too
+    # little to keep the 360 KiB sources whole, so windows are what it caches.
     cached = VideoTextDataset(records, num_frames=4, size=(16, 16), seed=5, cache_mib=7 / 1024)
     for epoch in range(3):
         plain.set_epoch(epoch)
@@ -210,3 +211,48 @@ def test_decoded_window_cache_returns_the_same_clips_and_respects_its_cap(clip_f
         tiny[(0, (4, 16, 16))]["video"]
     )
     assert tiny._cached_bytes == 0
+
+
+def test_short_clips_are_cached_whole_and_cut_like_a_fresh_decode(clip_folder, monkeypatch):
+    _, records = clip_folder
+    import moviegen.data.dataset as dataset_module
+
+    decoded = []
+    real_read = dataset_module.read_video
+
+    def counting_read(path, **window):
+        decoded.append(str(path))
+        return real_read(path, **window)
+
+    # Each 40-frame 64x48 source is 360 KiB: an 8 MiB cache keeps such clips whole.
+    for fps in (None, 5):
+        plain = VideoTextDataset(records, num_frames=4, size=(16, 16), fps=fps, seed=5)
+        cached = VideoTextDataset(
+            records, num_frames=4, size=(16, 16), fps=fps, seed=5, cache_mib=8
+        )
+        monkeypatch.setattr(dataset_module, "read_video", counting_read)
+        decoded.clear()
+        for epoch in range(3):
+            plain.set_epoch(epoch)
+            cached.set_epoch(epoch)
+            for item in (0, 1, (0, (1, 16, 16)), 2, (1, (1, 16, 16)), (2, (6, 16, 16))):
+                want, got = plain[item]["video"], cached[item]["video"]
+                assert tensor_indices(got) == tensor_indices(want)
+                torch.testing.assert_close(got, want)
+        monkeypatch.undo()
+        # 18 requests per epoch by `plain`; `cached` decoded each clip once, whole.
+        assert len(decoded) - 3 * 6 == 3
+        assert sorted(key[1] for key in cached._cache) == ["whole"] * 3
+
+    # A manifest that promises more frames than the file has: the window past
+    # the decoded end is skipped as too short, as a fresh decode skips it.
+    overstated = [
+        ClipRecord(path=records[0].path, caption="c", num_frames=60, fps=10, width=64, height=48)
+    ]
+    plain = VideoTextDataset(overstated, num_frames=50, size=(16, 16), random_start=False)
+    cached = VideoTextDataset(
+        overstated, num_frames=50, size=(16, 16), random_start=False, cache_mib=8
+    )
+    for dataset in (plain, cached):
+        skipped = dataset[0]
+        assert isinstance(skipped, SkippedSample) and skipped.reason == "too_short"

@@ -29,9 +29,11 @@ from moviegen.data.transforms import add_fps_prefix, frames_to_tensor
 from moviegen.data.video_io import (
     VideoDecodeError,
     VideoInfo,
+    VideoTooShortError,
     is_image_path,
     probe_video,
     read_video,
+    resample_indices,
 )
 
 __all__ = [
@@ -44,6 +46,11 @@ __all__ = [
 
 # How many example paths a SkipCounter keeps per reason for its report.
 _MAX_EXAMPLES_PER_REASON = 5
+# The decoded-clip cache keeps a video whole when its source frames (uint8 RGB
+# at the source size) take at most this share of the cache: windows and single
+# frames are then cut from memory, however they move between epochs. Longer
+# videos are cached one decoded window at a time.
+_WHOLE_CLIP_SHARE = 1 / 16
 
 
 @dataclass(frozen=True)
@@ -103,8 +110,10 @@ class VideoTextDataset(Dataset):
         random_start: pick the window start at random (seeded by ``seed``, the
             epoch and the index); otherwise take the first frames.
         seed: seed of the window starts.
-        cache_mib: keep decoded windows (uint8) in memory up to this many MiB,
-            least recently used first out; 0 decodes every request. Worth it
+        cache_mib: keep decoded frames (uint8) in memory up to this many MiB,
+            least recently used first out; 0 decodes every request. Short
+            videos are kept whole (every window and single frame of a later
+            epoch comes from memory), long ones one window at a time. Worth it
             when the decoded training set fits in memory (the demo's 922 shapes
             clips take 181 MiB) and decoding is a sizeable share of a step.
     """
@@ -225,7 +234,7 @@ class VideoTextDataset(Dataset):
                 raise VideoDecodeError(
                     record.path, f"an image cannot give {num_frames} frames", reason="too_short"
                 )
-            frames = self._read(index, record.path, size=size, crop=self.crop)
+            frames = self._read(index, info, size=size, crop=self.crop)
         else:
             first, stop = self._window(record, info)
             step = info.fps / fps
@@ -244,7 +253,7 @@ class VideoTextDataset(Dataset):
                 offset = int(rng.integers(0, slack + 1))
             frames = self._read(
                 index,
-                record.path,
+                info,
                 start_frame=first + offset,
                 num_frames=num_frames,
                 fps=None if self.fps is None else fps,
@@ -260,16 +269,40 @@ class VideoTextDataset(Dataset):
             "path": str(record.path),
         }
 
-    def _read(self, index: int, path, **window) -> np.ndarray:
-        """``read_video(path, **window)``, through the decoded-window cache when on."""
+    def _read(self, index: int, info: VideoInfo, **window) -> np.ndarray:
+        """``read_video(info.path, **window)``, through the decoded-frame cache when on."""
         if not self.cache_bytes:
-            return read_video(path, **window)
-        key = (index, *sorted(window.items()))
+            return read_video(info.path, **window)
+        source_bytes = info.num_frames * info.width * info.height * 3
+        if info.is_image or source_bytes > self.cache_bytes * _WHOLE_CLIP_SHARE:
+            key = (index, *sorted(window.items()))
+            return self._cached(key, lambda: read_video(info.path, **window))
+        size, crop = window["size"], window["crop"]
+        clip = self._cached(
+            (index, "whole", size, crop), lambda: read_video(info.path, size=size, crop=crop)
+        )
+        wanted = resample_indices(
+            window["num_frames"],
+            src_fps=info.fps,
+            dst_fps=window.get("fps"),
+            start=window["start_frame"],
+        )
+        if wanted[-1] >= len(clip):
+            raise VideoTooShortError(
+                info.path,
+                f"asked for source frames {wanted[0]}-{wanted[-1]}, but {len(clip)} decode",
+                num_available=len(clip),
+            )
+        return clip[wanted]
+
+    def _cached(self, key: tuple, decode) -> np.ndarray:
+        """The frames under ``key``, decoded by ``decode()`` on a miss and kept
+        when they fit the cap (least recently used out first)."""
         frames = self._cache.get(key)
         if frames is not None:
             self._cache.move_to_end(key)
             return frames
-        frames = read_video(path, **window)
+        frames = decode()
         if frames.nbytes <= self.cache_bytes:
             while self._cached_bytes + frames.nbytes > self.cache_bytes:
                 _, evicted = self._cache.popitem(last=False)
