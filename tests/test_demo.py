@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moviegen.cli import USAGE_ERROR, main
-from moviegen.data.shapes import ShapeAttributes, canonical_captions
+from moviegen.data.manifest import read_manifest
+from moviegen.data.shapes import ShapeAttributes, canonical_captions, render_dataset_clip
+from moviegen.data.video_io import read_video
 from moviegen.pipeline.demo import DemoConfig, run_demo, spread_indices
 
 
@@ -41,6 +45,12 @@ def test_demo_runs_every_stage_and_reuses_finished_ones(tmp_path):
         assert outputs[name].is_file(), name
     prompts = (outputs["samples"] / "prompts.jsonl").read_text().splitlines()
     assert len(prompts) == 144
+    # The clips are lossless: every run trains on exactly the rendered pixels.
+    first = read_manifest(config.out / "data" / "shapes" / "train.jsonl")[0]
+    index = int(Path(first.path).stem)
+    assert Path(first.path).suffix == ".mkv"
+    _, rendered, _ = render_dataset_clip(index, seed=config.seed, size=32, num_frames=8)
+    np.testing.assert_array_equal(read_video(first.path), rendered)
     summary = json.loads((config.out / "summary.json").read_text())
     assert set(summary["score"]["accuracy"]) == {"colour", "shape", "size", "direction"}
     assert 0.0 <= summary["score"]["all_correct_rate"] <= 1.0
@@ -136,6 +146,16 @@ def test_cli_demo_reports_bad_options_before_doing_anything(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--cfg-interval", "0.9", "0.1"]) == USAGE_ERROR
     assert "guidance interval" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cli_demo_writes_lossless_clips_unless_asked_for_h264(monkeypatch, tmp_path):
+    import moviegen.pipeline.demo as demo_module
+
+    seen: list[DemoConfig] = []
+    monkeypatch.setattr(demo_module, "run_demo", seen.append)
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--h264-data"]) == 0
+    assert [config.lossless_data for config in seen] == [True, False]
 
 
 def test_cli_demo_help_states_the_real_defaults(capsys):

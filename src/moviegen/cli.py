@@ -361,6 +361,7 @@ def _demo(args: argparse.Namespace) -> int:
         "cfg_scale": args.cfg,
         "cfg_interval": None if args.cfg_interval is None else tuple(args.cfg_interval),
         "sample_eta": args.eta,
+        "lossless_data": False if args.h264_data else None,
     }
     # Options left out keep the 15-minute defaults; bad values raise ValueError.
     config = DemoConfig(
@@ -603,6 +604,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--eta",
         type=float,
         help="stochastic Euler sampling (1 ancestral, 0 the ODE): share of fresh noise (default 1)",
+    )
+    demo.add_argument(
+        "--h264-data",
+        action="store_true",
+        help="write the shapes clips as H.264 .mp4 instead of lossless FFV1 .mkv "
+        "(smaller; libx264 may encode a few clips differently from run to run)",
     )
     demo.set_defaults(run=_demo)
     return parser

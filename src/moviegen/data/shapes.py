@@ -452,9 +452,12 @@ def generate_shapes_dataset(
         crf: H.264 constant rate factor (ignored when ``lossless``).
         progress: show a tqdm progress bar.
 
-    Determinism: the same arguments give byte-identical manifests and clip
-    files, on any machine: :func:`~moviegen.data.video_io.write_video` writes
-    containers bit-exactly and runs libx264 with a fixed thread count.
+    Determinism: the same arguments give byte-identical manifests, and with
+    ``lossless`` clips that decode to exactly the rendered frames, on any
+    machine. H.264 clips are usually byte-identical too (containers are
+    written bit-exactly, libx264 runs one thread), but libx264 was measured to
+    encode a few clips differently from run to run on a busy machine (16 of
+    1024 between two demo runs), so the demo writes lossless clips.
 
     Raises:
         ValueError: a bad count, fraction, size, seed or excluded caption.
