@@ -17,6 +17,7 @@ import numpy as np
 from moviegen import __version__
 from moviegen.data.manifest import ManifestError, write_manifest
 from moviegen.data.video_io import VideoDecodeError
+from moviegen.train.allocator import keep_freed_memory
 
 # Exit status for user errors (argparse uses the same for bad arguments).
 USAGE_ERROR = 2
@@ -618,6 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Every verb trains, encodes or samples: keep freed buffers mapped for reuse.
+    keep_freed_memory()
     try:
         return args.run(args)
     except (ValueError, ManifestError, VideoDecodeError, FileNotFoundError) as error:

@@ -55,6 +55,7 @@ from moviegen.flow.path import SIGMA_MIN
 from moviegen.pipeline.sample import T2V_KIND, generate_latents
 from moviegen.tae.checkpoint import load_tae
 from moviegen.text import CAPTION_DROPOUT, TextFeatures, caption_keep_mask, drop_features
+from moviegen.train.allocator import keep_freed_memory
 from moviegen.train.checkpoint import CheckpointManager
 from moviegen.train.distributed_run import (
     all_gather_sizes,
@@ -258,6 +259,7 @@ class T2VTrainer(ResumableTraining):
             # One GPU per rank (distributed_run made it the current device).
             self.device = torch.device("cuda", torch.cuda.current_device())
         torch.set_flush_denormal(True)
+        keep_freed_memory()  # no page faults for the activations of every step
         torch.manual_seed(config.seed)
 
         self.dataset = LatentDataset(config.latents)

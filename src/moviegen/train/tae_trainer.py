@@ -45,6 +45,7 @@ from moviegen.eval.visualize import clip_grid
 from moviegen.tae.checkpoint import TAE_KIND
 from moviegen.tae.losses import TAELoss, TAELossConfig
 from moviegen.tae.model import COMPRESSION, TAE, TAEConfig, tae_recipe
+from moviegen.train.allocator import keep_freed_memory
 from moviegen.train.checkpoint import CheckpointManager
 from moviegen.train.distributed_run import (
     all_gather_sizes,
@@ -269,6 +270,7 @@ class TAETrainer(ResumableTraining):
         # Zero-initialised layers make tiny (denormal) floats during training,
         # and CPUs handle those up to 100x slower; flushing them to zero is harmless.
         torch.set_flush_denormal(True)
+        keep_freed_memory()  # no page faults for the activations of every step
         torch.manual_seed(config.seed)
         self.model = TAE(config.model).to(self.device)
         self.loss = TAELoss(config.loss).to(self.device)
