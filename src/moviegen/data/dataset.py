@@ -274,7 +274,8 @@ class VideoTextDataset(Dataset):
         if not self.cache_bytes:
             return read_video(info.path, **window)
         source_bytes = info.num_frames * info.width * info.height * 3
-        if info.is_image or source_bytes > self.cache_bytes * _WHOLE_CLIP_SHARE:
+        whole = 0 < source_bytes <= self.cache_bytes * _WHOLE_CLIP_SHARE  # 0: length unknown
+        if info.is_image or not whole:
             key = (index, *sorted(window.items()))
             return self._cached(key, lambda: read_video(info.path, **window))
         size, crop = window["size"], window["crop"]
