@@ -8,8 +8,9 @@ zero-fills and maps those pages again each time: the demo TAE's step took
 ~50,000 page faults and spent a quarter of its CPU time in the kernel. Serving
 everything below glibc's ceiling (32 MiB) from the heap and never trimming it
 keeps the pages mapped: the step then takes a few dozen faults and runs
-16-21% faster (docs/BENCHMARKS.md). The price is that the process keeps its
-peak heap resident until it exits, which is what a training process wants.
+1.2-1.6x faster (benchmarks/bench_allocator.py, docs/BENCHMARKS.md). The
+price is that the process keeps its peak heap resident until it exits, which
+is what a training process wants.
 PyTorch's CPU launcher (``torch.backends.xeon.run_cpu``) reaches the same end by
 preloading jemalloc or tcmalloc; this needs no extra library.
 """
