@@ -110,6 +110,19 @@ def test_predict_x1_and_x0_invert_the_path(sigma_min):
     torch.testing.assert_close(fp.predict_x0(xt, v, t), x0, rtol=0, atol=1e-12)
 
 
+def test_noise_scale_is_the_weight_of_the_noise_on_the_path():
+    fp = FlowPath(sigma_min=0.2)
+    assert fp.noise_scale(0.0) == 1.0
+    assert fp.noise_scale(1.0) == pytest.approx(0.2)
+    assert fp.noise_scale(0.5) == pytest.approx(0.6)
+    # With zero data, X_t is the noise scaled by it, sample by sample.
+    x0 = randn(*LATENT_SHAPE, seed=0)
+    t = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
+    xt = fp.interpolate(x0, torch.zeros_like(x0), t)
+    for i, ti in enumerate(t.tolist()):
+        torch.testing.assert_close(xt[i], fp.noise_scale(ti) * x0[i], rtol=0, atol=1e-15)
+
+
 def test_path_keeps_latent_dtype():
     fp = FlowPath()
     x0, x1 = randn(2, 3, dtype=torch.bfloat16), randn(2, 3, seed=1, dtype=torch.bfloat16)

@@ -77,6 +77,11 @@ class FlowPath:
         """``1 - sigma_min``: how much of the noise the velocity removes per unit time."""
         return 1.0 - self.sigma_min
 
+    def noise_scale(self, t: Tensor | float) -> Tensor | float:
+        """``1 - (1 - sigma_min) t``: the weight of the noise ``X_0`` in ``X_t``
+        (1 at t = 0, ``sigma_min`` at t = 1), for a float or a broadcast tensor."""
+        return 1.0 - self._noise_decay * t
+
     def interpolate(self, x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
         """``X_t = t X_1 + (1 - (1 - sigma_min) t) X_0``.
 
@@ -90,7 +95,7 @@ class FlowPath:
         """
         _check_same_shape("x0", x0, "x1", x1)
         t = _broadcast_time(t, x1)
-        return t * x1 + (1.0 - self._noise_decay * t) * x0
+        return t * x1 + self.noise_scale(t) * x0
 
     def velocity_target(self, x0: Tensor, x1: Tensor) -> Tensor:
         """The regression target ``V = X_1 - (1 - sigma_min) X_0``, ``(B, ...)`` (independent of t)."""
@@ -112,7 +117,7 @@ class FlowPath:
         """
         _check_same_shape("xt", xt, "v", v)
         t = _broadcast_time(t, xt)
-        return self._noise_decay * xt + (1.0 - self._noise_decay * t) * v
+        return self._noise_decay * xt + self.noise_scale(t) * v
 
     def predict_x0(self, xt: Tensor, v: Tensor, t: Tensor) -> Tensor:
         """The noise estimate ``X_t - t v`` implied by velocity ``v`` at ``(xt, t)``, ``(B, ...)``."""

@@ -210,7 +210,7 @@ def stochastic_euler_solve(
 
     def renewed_share(t: float, s: float) -> float:
         """``r`` of the docstring for a step from ``t`` to ``s``."""
-        c_t, c_s = (1.0 - (1.0 - path.sigma_min) * time for time in (t, s))
+        c_t, c_s = path.noise_scale(t), path.noise_scale(s)
         kept = t * c_s / (s * c_t) if s > 0 else 1.0
         return eta * math.sqrt(max(0.0, 1.0 - min(kept, 1.0) ** 2))
 
