@@ -14,6 +14,8 @@ import os
 import pickle
 import random
 import signal
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -453,6 +455,26 @@ def test_keep_last_and_async_single_process(tmp_path):
     assert async_ckpt.load(fresh.state()).step == num_saves
     _assert_same(dict(fresh.model.state_dict()), expected)
     async_ckpt.close()
+
+
+def test_single_process_async_saves_do_not_warn(tmp_path):
+    """DCP warns that it assumes "the intent is to save in a single process"
+    from the async save's worker thread, which may run after the save has
+    restored the caller's warning filters; it is our intent, so it stays hidden."""
+    trainer = _build_trainer(model_seed=MODEL_SEED, data_seed=DATA_SEED)
+    ckpt = DistributedCheckpointer(tmp_path, async_save=True)
+    message = "torch.distributed is disabled, unavailable or uninitialized, assuming the intent"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ckpt.save(1, trainer.state())
+        # The worker's warning, made to come late: after save() has returned.
+        late = threading.Thread(target=warnings.warn, args=(message, UserWarning))
+        late.start()
+        late.join()
+        assert ckpt.wait() == ckpt.latest()
+        warnings.warn("another warning", UserWarning, stacklevel=1)  # still shown
+    ckpt.close()
+    assert [str(w.message) for w in caught] == ["another warning"]
 
 
 def _killed_save_child(rank: int, run_dir: str, kill_point: str, weights_path: str) -> None:

@@ -571,6 +571,11 @@ class DistributedCheckpointer(StepFolders):
 
         writer = FileSystemWriter(temp, sync_files=True, overwrite=False)
         if self.async_save:
+            if not self._distributed:
+                # The async save runs dcp.save in a worker thread, after
+                # _quiet_no_dist has restored the filters, so the warning needs
+                # a filter that stays (only this message, process-wide).
+                warnings.filterwarnings("ignore", message=_NO_DIST_WARNING, category=UserWarning)
             with _quiet_no_dist():
                 future = dcp.async_save(
                     snapshot,
